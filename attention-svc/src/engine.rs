@@ -1,0 +1,147 @@
+//! The step executor: one batched forward step over the new rows of many
+//! sequences, layer by layer, handing each layer's MoE input to a
+//! [`MoeLayer`].
+
+use std::future::Future;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::ops::rms_norm;
+use moe_model::{Checkpoint, ModelConfig};
+
+use crate::attention::attend;
+use crate::rotary::Rotary;
+use crate::{AttentionError, SequenceCache, SharedWeights, StepError};
+
+/// The sparse half of every layer, as the step executor sees it.
+pub trait MoeLayer: Sync {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Takes `[rows, hidden]` post-attention-norm hidden states of `layer`
+    /// and returns `[rows, hidden]`: the weighted sum of the outputs of the
+    /// experts each row is routed to.
+    fn forward(&self, layer: usize, hidden: &Tensor) -> impl Future<Output = Result<Tensor, Self::Error>> + Send;
+}
+
+/// The new tokens of one sequence in a step: a whole prompt, a chunk of
+/// one, or the single token of a decode.
+pub struct SequenceChunk<'a> {
+    pub cache: &'a mut SequenceCache,
+    pub tokens: &'a [u32],
+}
+
+pub struct Engine {
+    config: ModelConfig,
+    weights: SharedWeights,
+    rotary: Rotary,
+    device: Device,
+}
+
+impl Engine {
+    pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, AttentionError> {
+        let config = checkpoint.config().clone();
+        Ok(Self {
+            weights: SharedWeights::load(checkpoint, device)?,
+            rotary: Rotary::new(&config, device)?,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> SequenceCache {
+        SequenceCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Runs one forward step over every chunk's tokens, appending them to
+    /// their sequences' caches, and returns the logits `[chunks, vocab]` of
+    /// each chunk's last token.
+    pub async fn step<M: MoeLayer>(
+        &self,
+        chunks: &mut [SequenceChunk<'_>],
+        moe: &M,
+    ) -> Result<Tensor, StepError<M::Error>> {
+        let (tokens, positions) = self.flatten(chunks)?;
+        let eps = self.config.rms_norm_eps as f32;
+        let mut x = self.weights.embed_tokens.index_select(&tokens, 0)?;
+        for (layer, weights) in self.weights.layers.iter().enumerate() {
+            let normed = rms_norm(&x, &weights.input_norm, eps)?;
+            let attention = self.attention(layer, &normed, &positions, chunks)?;
+            let h = (x + attention.matmul(&weights.o_proj.t()?)?)?;
+            let moe_input = rms_norm(&h, &weights.post_attention_norm, eps)?;
+            let moe_output = moe.forward(layer, &moe_input).await.map_err(StepError::Moe)?;
+            x = (h + moe_output)?;
+        }
+        let mut last_rows = Vec::with_capacity(chunks.len());
+        let mut end = 0u32;
+        for chunk in chunks.iter_mut() {
+            chunk.cache.advance(chunk.tokens.len());
+            end += chunk.tokens.len() as u32;
+            last_rows.push(end - 1);
+        }
+        let last_rows = Tensor::new(last_rows, &self.device)?;
+        let last = rms_norm(&x.index_select(&last_rows, 0)?, &self.weights.final_norm, eps)?;
+        Ok(last.matmul(&self.weights.lm_head.t()?)?)
+    }
+
+    /// All chunks' token ids and positions, after checking each chunk fits
+    /// the context and names tokens of the vocabulary.
+    fn flatten(&self, chunks: &[SequenceChunk<'_>]) -> Result<(Tensor, Tensor), AttentionError> {
+        let rows: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let (mut tokens, mut positions) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        for chunk in chunks {
+            let start = chunk.cache.len();
+            let needed = start + chunk.tokens.len();
+            if chunk.tokens.is_empty() || needed > self.config.max_position_embeddings {
+                return Err(AttentionError::ContextOverflow {
+                    needed,
+                    max: self.config.max_position_embeddings,
+                });
+            }
+            if let Some(&bad) = chunk.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(AttentionError::TokenOutOfVocabulary {
+                    token: bad,
+                    vocab_size: self.config.vocab_size,
+                });
+            }
+            tokens.extend_from_slice(chunk.tokens);
+            positions.extend(start as u32..needed as u32);
+        }
+        Ok((Tensor::new(tokens, &self.device)?, Tensor::new(positions, &self.device)?))
+    }
+
+    /// Self-attention of every chunk's new rows: projections and rotary
+    /// embeddings batched over all rows, the attention proper per sequence.
+    fn attention(
+        &self,
+        layer: usize,
+        normed: &Tensor,
+        positions: &Tensor,
+        chunks: &mut [SequenceChunk<'_>],
+    ) -> Result<Tensor, AttentionError> {
+        let weights = &self.weights.layers[layer];
+        let config = &self.config;
+        let rows = normed.dim(0)?;
+        let project = |w: &Tensor, heads: usize| normed.matmul(&w.t()?)?.reshape((rows, heads, config.head_dim));
+        let q = self.rotary.apply(&project(&weights.q_proj, config.num_attention_heads)?, positions)?;
+        let k = self.rotary.apply(&project(&weights.k_proj, config.num_key_value_heads)?, positions)?;
+        let v = project(&weights.v_proj, config.num_key_value_heads)?;
+        let mut outputs = Vec::with_capacity(chunks.len());
+        let mut offset = 0;
+        for chunk in chunks.iter_mut() {
+            let n = chunk.tokens.len();
+            let new_keys = k.narrow(0, offset, n)?.transpose(0, 1)?;
+            let new_values = v.narrow(0, offset, n)?.transpose(0, 1)?;
+            let (keys, values) = chunk.cache.append(layer, &new_keys, &new_values)?;
+            outputs.push(attend(&q.narrow(0, offset, n)?, &keys, &values)?);
+            offset += n;
+        }
+        Ok(Tensor::cat(&outputs, 0)?.to_dtype(DType::F32)?)
+    }
+}

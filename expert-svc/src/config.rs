@@ -1,0 +1,85 @@
+//! Command-line flags, turned into one validated [`Config`] before anything
+//! is loaded or bound.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Serve one expert of a Mixture-of-Experts checkpoint over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "expert-svc", version)]
+pub struct Args {
+    /// Checkpoint directory (config.json and safetensors).
+    #[arg(long, env = "MOE_MODEL")]
+    pub model: PathBuf,
+    /// Which expert this process serves.
+    #[arg(long, env = "MOE_EXPERT")]
+    pub expert: usize,
+    /// Layers to serve, as A..B (end excluded); all layers when absent.
+    #[arg(long, env = "MOE_LAYERS")]
+    pub layers: Option<String>,
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50061")]
+    pub listen: SocketAddr,
+    /// `cpu` or `cuda:N`.
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Seconds to finish in-flight messages after SIGTERM before exiting.
+    #[arg(long, env = "MOE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub model: PathBuf,
+    pub expert: usize,
+    pub layers: Option<Range<usize>>,
+    pub listen: SocketAddr,
+    pub device: String,
+    pub shutdown_grace: Duration,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = String;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        let layers = args.layers.as_deref().map(parse_layers).transpose()?;
+        Ok(Self {
+            model: args.model,
+            expert: args.expert,
+            layers,
+            listen: args.listen,
+            device: args.device,
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        })
+    }
+}
+
+/// Parses `A..B` into a non-empty range.
+pub fn parse_layers(text: &str) -> Result<Range<usize>, String> {
+    let invalid = || format!("--layers {text:?}: expected A..B with A < B, e.g. 0..4");
+    let (start, end) = text.split_once("..").ok_or_else(invalid)?;
+    let start: usize = start.trim().parse().map_err(|_| invalid())?;
+    let end: usize = end.trim().parse().map_err(|_| invalid())?;
+    if start >= end {
+        return Err(invalid());
+    }
+    Ok(start..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_ranges() {
+        assert_eq!(parse_layers("0..4"), Ok(0..4));
+        assert_eq!(parse_layers("2..3"), Ok(2..3));
+        assert!(parse_layers("3..3").is_err());
+        assert!(parse_layers("4").is_err());
+        assert!(parse_layers("a..b").is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! Load, serve, drain.
+
+use std::future::Future;
+
+use moe_model::{Checkpoint, parse_device};
+use moe_proto::v1::DescribeResponse;
+use moe_proto::v1::expert_server::ExpertServer;
+use moe_proto::{MAX_MESSAGE_BYTES, transport};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::{Config, DeviceHandle, ExpertError, ExpertService, ExpertWeights};
+
+pub use moe_proto::transport::shutdown_signal;
+
+/// Loads the expert named by `config` and serves it on `listener` until
+/// `shutdown` resolves; then stops reading new messages, answers those in
+/// flight, and returns (after `config.shutdown_grace` at the latest).
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ExpertError> {
+    let device = parse_device(&config.device)?;
+    let checkpoint = Checkpoint::open(&config.model)?;
+    let model = checkpoint.config().clone();
+    let layers = config.layers.clone().unwrap_or(0..model.num_hidden_layers);
+    let span = tracing::info_span!("expert", expert = config.expert, layers = ?layers);
+    let _entered = span.enter();
+    let weights = ExpertWeights::load(&checkpoint, config.expert, layers.clone(), &device)?;
+    let describe = DescribeResponse {
+        expert: config.expert as u32,
+        layer_start: layers.start as u32,
+        layer_end: layers.end as u32,
+        hidden_size: model.hidden_size as u32,
+        intermediate_size: model.intermediate_size as u32,
+        num_experts: model.num_local_experts as u32,
+        weight_dtype: "f32".into(),
+        device: config.device.clone(),
+        model_fingerprint: checkpoint.fingerprint().to_owned(),
+        rows_served: 0,
+        products_run: 0,
+    };
+    drop(checkpoint);
+    let (draining, drain_signal) = watch::channel(false);
+    let service = ExpertService::new(DeviceHandle::spawn(weights)?, describe, device, drain_signal);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ExpertServer<ExpertService>>().await;
+    let (reflection_v1, reflection_v1alpha) = transport::reflection();
+    tracing::info!(addr = %listener.local_addr()?, "expert ready");
+
+    let grace = config.shutdown_grace;
+    let mut drained = drain_signal_for_grace(&service);
+    let stop = async move {
+        shutdown.await;
+        tracing::info!(?grace, "draining");
+        health.set_not_serving::<ExpertServer<ExpertService>>().await;
+        let _ = draining.send(true);
+    };
+    let server = transport::server_builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            ExpertServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(transport::incoming(listener), stop);
+    // Long-lived Forward streams would hold a graceful shutdown open for as
+    // long as their callers like: give them `grace`, then exit anyway.
+    let deadline = async move {
+        let _ = drained.wait_for(|draining| *draining).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => Ok(result?),
+        _ = deadline => {
+            tracing::warn!(?grace, "grace period elapsed with streams still open; exiting");
+            Ok(())
+        }
+    }
+}
+
+fn drain_signal_for_grace(service: &ExpertService) -> watch::Receiver<bool> {
+    service.shutdown_signal()
+}

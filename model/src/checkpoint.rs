@@ -1,0 +1,166 @@
+//! A Hugging Face checkpoint directory: config.json, one or several
+//! safetensors files, tokenizer.json.
+//!
+//! Opening a checkpoint memory-maps its files and reads only their headers;
+//! tensor data is touched when a process loads the tensors it owns, so an
+//! expert service never pages in another expert's weights.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use crate::layout::TensorSpec;
+use crate::{ModelConfig, ModelError, layout};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// How many leading bytes of the embedding table go into the fingerprint:
+/// enough to tell two random initialisations apart, one page to read.
+const FINGERPRINT_SAMPLE_BYTES: usize = 4096;
+
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: ModelConfig,
+    weights: MmapedSafetensors,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("dir", &self.dir)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let files = weight_files(dir)?;
+        // SAFETY: the files are mapped read-only; like every safetensors
+        // reader we rely on nobody truncating a checkpoint while it is served.
+        let weights = unsafe { MmapedSafetensors::multi(&files)? };
+        let fingerprint = fingerprint(&config, &weights)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            config,
+            weights,
+            fingerprint,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Identifies this checkpoint across processes: a hash of the config, of
+    /// every tensor's name, dtype and shape, and of the first bytes of the
+    /// embedding table. Cheap to compute (headers and one page), and two
+    /// processes agree on it only if they read the same checkpoint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Checks that every tensor in `specs` exists with its expected shape,
+    /// naming the first that does not. Run at start, before loading.
+    pub fn verify(&self, specs: &[TensorSpec]) -> Result<(), ModelError> {
+        for spec in specs {
+            let view = self.weights.get(&spec.name).map_err(|_| ModelError::MissingTensor {
+                name: spec.name.clone(),
+            })?;
+            if view.shape() != spec.shape.as_slice() {
+                return Err(ModelError::TensorShape {
+                    name: spec.name.clone(),
+                    expected: spec.shape.clone(),
+                    actual: view.shape().to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads one tensor as f32 on `device`. Call [`Checkpoint::verify`] first.
+    pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
+        let tensor = self.weights.load(name, device).map_err(|_| ModelError::MissingTensor {
+            name: name.to_owned(),
+        })?;
+        Ok(tensor.to_dtype(DType::F32)?)
+    }
+
+    /// The LM head, which is the embedding table when the two are tied.
+    pub fn lm_head_name(&self) -> String {
+        if self.config.tie_word_embeddings {
+            layout::embed_tokens()
+        } else {
+            layout::lm_head()
+        }
+    }
+
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join(TOKENIZER_FILE)
+    }
+}
+
+/// The safetensors files of a checkpoint: the single file, or every shard the
+/// index names (each once, in a stable order).
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let single = dir.join(SINGLE_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.is_file() {
+        return Err(ModelError::NoWeights { dir: dir.to_owned() });
+    }
+    let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io {
+        path: index_path.clone(),
+        source,
+    })?;
+    let index_error = |message: String| ModelError::Index {
+        path: index_path.clone(),
+        message,
+    };
+    let index: serde_json::Value =
+        serde_json::from_str(&text).map_err(|err| index_error(err.to_string()))?;
+    let weight_map: HashMap<String, String> = serde_json::from_value(index["weight_map"].clone())
+        .map_err(|err| index_error(format!("weight_map: {err}")))?;
+    let shards: BTreeSet<&String> = weight_map.values().collect();
+    shards
+        .into_iter()
+        .map(|shard| {
+            let path = dir.join(shard);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(index_error(format!("shard {shard} does not exist")))
+            }
+        })
+        .collect()
+}
+
+fn fingerprint(config: &ModelConfig, weights: &MmapedSafetensors) -> Result<String, ModelError> {
+    let mut hasher = Sha256::new();
+    hasher.update(serde_json::to_vec(config).expect("a config always serialises"));
+    let mut tensors = weights.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, view) in &tensors {
+        hasher.update(format!("{name}:{:?}:{:?};", view.dtype(), view.shape()));
+    }
+    if let Ok(embed) = weights.get(&layout::embed_tokens()) {
+        let data = embed.data();
+        hasher.update(&data[..data.len().min(FINGERPRINT_SAMPLE_BYTES)]);
+    }
+    let digest = hasher.finalize();
+    Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
+}

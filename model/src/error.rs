@@ -1,0 +1,30 @@
+use std::path::PathBuf;
+
+/// Why a checkpoint cannot be served. Each variant names the file or tensor
+/// at fault, because these messages are what an operator sees at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config.json: {0}")]
+    Config(String),
+    #[error("checkpoint {dir} has no model.safetensors nor model.safetensors.index.json")]
+    NoWeights { dir: PathBuf },
+    #[error("invalid {path}: {message}")]
+    Index { path: PathBuf, message: String },
+    #[error("checkpoint is missing tensor {name}")]
+    MissingTensor { name: String },
+    #[error("tensor {name} has shape {actual:?}, but config.json implies {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,15 @@
+//! What router-svc and expert-svc share: the model config, the checkpoint
+//! layout and loading, and the deterministic synthetic checkpoints that
+//! `moe init` writes.
+
+mod checkpoint;
+mod config;
+mod device;
+mod error;
+pub mod layout;
+pub mod synth;
+
+pub use checkpoint::{CONFIG_FILE, Checkpoint, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE};
+pub use config::ModelConfig;
+pub use device::parse_device;
+pub use error::ModelError;

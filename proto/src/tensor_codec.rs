@@ -1,0 +1,219 @@
+//! Tensors on the wire: a dtype, a shape and the raw little-endian bytes.
+//!
+//! Encoding is one copy of the tensor's memory into a `Bytes`; decoding is
+//! one copy out of it into candle's storage (`Tensor::from_raw_buffer`). No
+//! value is converted one by one unless the wire dtype differs from the
+//! compute dtype, which is the point of offering bf16/f16 on the wire.
+
+use bytes::Bytes;
+use candle_core::{DType, Device, Tensor};
+
+use crate::v1;
+
+/// Why a tensor from a peer was refused. Each message names what is wrong,
+/// because it ends up in a gRPC status the peer's operator will read.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("tensor is missing")]
+    Missing,
+    #[error("tensor dtype {0} is not one of f32, bf16, f16")]
+    UnknownDType(i32),
+    #[error("tensor shape {shape:?} must be [rows, {width}]")]
+    Shape { shape: Vec<u64>, width: usize },
+    #[error("tensor of shape {shape:?} and dtype {dtype} needs {expected} bytes, got {actual}")]
+    ByteLength {
+        shape: Vec<u64>,
+        dtype: &'static str,
+        expected: u64,
+        actual: usize,
+    },
+    #[error("tensor math failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Element types a tensor may take on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireDType {
+    #[default]
+    F32,
+    BF16,
+    F16,
+}
+
+impl WireDType {
+    fn candle(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::BF16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    fn proto(self) -> v1::DType {
+        match self {
+            Self::F32 => v1::DType::DtypeF32,
+            Self::BF16 => v1::DType::DtypeBf16,
+            Self::F16 => v1::DType::DtypeF16,
+        }
+    }
+
+    fn from_proto(raw: i32) -> Result<Self, CodecError> {
+        match v1::DType::try_from(raw) {
+            Ok(v1::DType::DtypeF32) => Ok(Self::F32),
+            Ok(v1::DType::DtypeBf16) => Ok(Self::BF16),
+            Ok(v1::DType::DtypeF16) => Ok(Self::F16),
+            _ => Err(CodecError::UnknownDType(raw)),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::BF16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+
+    pub fn size_in_bytes(self) -> usize {
+        self.candle().size_in_bytes()
+    }
+}
+
+impl std::str::FromStr for WireDType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::BF16),
+            "f16" => Ok(Self::F16),
+            other => Err(format!("unknown wire dtype {other:?}: expected f32, bf16 or f16")),
+        }
+    }
+}
+
+/// Encodes a tensor as `dtype` (converting it first when it differs),
+/// keeping its shape.
+pub fn encode(tensor: &Tensor, dtype: WireDType) -> Result<v1::Tensor, CodecError> {
+    let shape = tensor.dims().iter().map(|&d| d as u64).collect();
+    let flat = tensor.to_dtype(dtype.candle())?.flatten_all()?;
+    let data = match dtype {
+        WireDType::F32 => bytes_of(&flat.to_vec1::<f32>()?),
+        WireDType::BF16 => bytes_of(&flat.to_vec1::<half::bf16>()?),
+        WireDType::F16 => bytes_of(&flat.to_vec1::<half::f16>()?),
+    };
+    Ok(v1::Tensor {
+        dtype: dtype.proto() as i32,
+        shape,
+        data,
+    })
+}
+
+fn bytes_of<T: bytemuck::Pod>(values: &[T]) -> Bytes {
+    Bytes::copy_from_slice(bytemuck::cast_slice(values))
+}
+
+/// Decodes a `[rows, width]` tensor into f32 on `device`, after checking its
+/// dtype, rank, width and byte length. Returns the wire dtype too, so that a
+/// server can answer in the dtype it was asked in.
+pub fn decode_rows(
+    message: Option<&v1::Tensor>,
+    width: usize,
+    device: &Device,
+) -> Result<(Tensor, WireDType), CodecError> {
+    let message = message.ok_or(CodecError::Missing)?;
+    let dtype = WireDType::from_proto(message.dtype)?;
+    let [rows, got_width] = message.shape[..] else {
+        return Err(CodecError::Shape {
+            shape: message.shape.clone(),
+            width,
+        });
+    };
+    if got_width != width as u64 {
+        return Err(CodecError::Shape {
+            shape: message.shape.clone(),
+            width,
+        });
+    }
+    let expected = rows
+        .checked_mul(got_width)
+        .and_then(|n| n.checked_mul(dtype.size_in_bytes() as u64));
+    if expected != Some(message.data.len() as u64) {
+        return Err(CodecError::ByteLength {
+            shape: message.shape.clone(),
+            dtype: dtype.name(),
+            expected: expected.unwrap_or(u64::MAX),
+            actual: message.data.len(),
+        });
+    }
+    let tensor = Tensor::from_raw_buffer(
+        &message.data,
+        dtype.candle(),
+        &[rows as usize, width],
+        device,
+    )?
+    .to_dtype(DType::F32)?;
+    Ok((tensor, dtype))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rows: usize, width: usize) -> Tensor {
+        let values: Vec<f32> = (0..rows * width).map(|i| i as f32 * 0.25 - 3.0).collect();
+        Tensor::from_vec(values, (rows, width), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn f32_round_trip_is_exact() {
+        let tensor = sample(3, 8);
+        let message = encode(&tensor, WireDType::F32).unwrap();
+        assert_eq!(message.shape, vec![3, 8]);
+        assert_eq!(message.data.len(), 3 * 8 * 4);
+        let (back, dtype) = decode_rows(Some(&message), 8, &Device::Cpu).unwrap();
+        assert_eq!(dtype, WireDType::F32);
+        assert_eq!(back.to_vec2::<f32>().unwrap(), tensor.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn half_precision_round_trips_within_its_precision() {
+        let tensor = sample(2, 4);
+        for dtype in [WireDType::BF16, WireDType::F16] {
+            let message = encode(&tensor, dtype).unwrap();
+            assert_eq!(message.data.len(), 2 * 4 * 2);
+            let (back, got) = decode_rows(Some(&message), 4, &Device::Cpu).unwrap();
+            assert_eq!(got, dtype);
+            let diff = (back - &tensor).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 0.02, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_wrong_byte_length() {
+        let mut message = encode(&sample(2, 4), WireDType::F32).unwrap();
+        message.data = message.data.slice(..30);
+        let err = decode_rows(Some(&message), 4, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("needs 32 bytes, got 30"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_wrong_width_rank_or_dtype() {
+        let message = encode(&sample(2, 4), WireDType::F32).unwrap();
+        let err = decode_rows(Some(&message), 5, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("must be [rows, 5]"), "{err}");
+
+        let mut flat = message.clone();
+        flat.shape = vec![8];
+        assert!(matches!(decode_rows(Some(&flat), 4, &Device::Cpu), Err(CodecError::Shape { .. })));
+
+        let mut unknown = message.clone();
+        unknown.dtype = 42;
+        let err = decode_rows(Some(&unknown), 4, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("dtype 42"), "{err}");
+
+        let mut huge = message;
+        huge.shape = vec![u64::MAX, 4];
+        assert!(matches!(decode_rows(Some(&huge), 4, &Device::Cpu), Err(CodecError::ByteLength { .. })));
+    }
+}

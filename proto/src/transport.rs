@@ -1,0 +1,82 @@
+//! The transport settings every moe-serve hop shares, set explicitly on both
+//! sides: message size limits (tonic's 4 MiB default is too small for a
+//! prefill step), HTTP/2 windows, TCP_NODELAY and keepalives.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint, Server};
+
+/// Server-side settings: adaptive HTTP/2 windows (the 64 KiB default would
+/// stall a multi-megabyte tensor on every round trip) and keepalives that
+/// notice a peer that vanished without closing its connection.
+pub fn server_builder() -> Server {
+    Server::builder()
+        .http2_adaptive_window(Some(true))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_nodelay(true)
+}
+
+/// Accepted connections from an already-bound listener, without Nagle's
+/// delay (a decode step is many small messages).
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// A client endpoint with the same windows and keepalives as the servers.
+/// `uri` is `http://host:port`.
+pub fn endpoint(uri: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(uri.to_owned())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true))
+}
+
+/// Connects to `uri` with [`endpoint`]'s settings.
+pub async fn connect(uri: &str) -> Result<Channel, tonic::transport::Error> {
+    endpoint(uri)?.connect().await
+}
+
+/// gRPC server reflection for the moe.v1 services, in both protocol
+/// versions: grpcurl and Python's grpcio still speak only v1alpha.
+pub fn reflection() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+) {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    (
+        builder().build_v1().expect("the moe.v1 descriptors are valid"),
+        builder().build_v1alpha().expect("the moe.v1 descriptors are valid"),
+    )
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(err) => {
+                tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops this process");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
