@@ -13,7 +13,7 @@ mod server;
 mod service;
 mod weights;
 
-pub use config::{Args, Config};
+pub use config::{Args, Config, parse_layers};
 pub use device_actor::DeviceHandle;
 pub use error::ExpertError;
 pub use server::{run, shutdown_signal};

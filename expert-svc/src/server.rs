@@ -46,7 +46,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     tracing::info!(addr = %listener.local_addr()?, "expert ready");
 
     let grace = config.shutdown_grace;
-    let mut drained = drain_signal_for_grace(&service);
+    let drained = service.shutdown_signal();
     let stop = async move {
         shutdown.await;
         tracing::info!(?grace, "draining");
@@ -63,21 +63,5 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(transport::incoming(listener), stop);
-    // Long-lived Forward streams would hold a graceful shutdown open for as
-    // long as their callers like: give them `grace`, then exit anyway.
-    let deadline = async move {
-        let _ = drained.wait_for(|draining| *draining).await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        result = server => Ok(result?),
-        _ = deadline => {
-            tracing::warn!(?grace, "grace period elapsed with streams still open; exiting");
-            Ok(())
-        }
-    }
-}
-
-fn drain_signal_for_grace(service: &ExpertService) -> watch::Receiver<bool> {
-    service.shutdown_signal()
+    Ok(transport::serve_with_grace(server, drained, grace).await?)
 }

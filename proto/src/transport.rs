@@ -80,3 +80,25 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// Runs `server` to completion, but for no longer than `grace` after
+/// `draining` turns true. Long-lived streams (an expert's Forward, a long
+/// Generate) would otherwise hold a graceful shutdown open for as long as
+/// their callers like.
+pub async fn serve_with_grace<E>(
+    server: impl std::future::Future<Output = Result<(), E>>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+    grace: Duration,
+) -> Result<(), E> {
+    let deadline = async move {
+        let _ = draining.wait_for(|draining| *draining).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result,
+        _ = deadline => {
+            tracing::warn!(?grace, "grace period elapsed with streams still open; exiting");
+            Ok(())
+        }
+    }
+}

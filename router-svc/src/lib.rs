@@ -1,1 +1,24 @@
+//! router-svc: the public face of a moe-serve cluster.
+//!
+//! It owns admission, the tokenizer, the continuous-batching scheduler,
+//! sampling, the gate and the dispatcher, and runs attention in-process
+//! through the attention-svc crate. For every layer of every step it sends
+//! each expert one message with all of the rows routed to it.
 
+pub mod cluster;
+mod config;
+mod detokenizer;
+pub mod dispatch;
+mod error;
+pub mod gate;
+mod readiness;
+mod request;
+pub mod sampling;
+pub mod scheduler;
+mod server;
+mod service;
+
+pub use config::{Args, Config, ExpertPlacement};
+pub use error::RouterError;
+pub use server::run;
+pub use moe_proto::transport::shutdown_signal;

@@ -1,0 +1,73 @@
+//! A client of the public API: one Generate call, collected.
+
+use moe_proto::v1::inference_client::InferenceClient;
+use moe_proto::v1::{FinishReason, GenerateRequest};
+use moe_proto::{MAX_MESSAGE_BYTES, transport};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+/// A finished generation, as `moe generate --json` prints it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Completion {
+    pub token_ids: Vec<u32>,
+    /// One per generated token when asked for.
+    pub logprobs: Vec<f32>,
+    pub text: String,
+    pub finish_reason: String,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+pub async fn connect(uri: &str) -> Result<InferenceClient<Channel>, tonic::transport::Error> {
+    Ok(InferenceClient::new(transport::connect(uri).await?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+pub fn finish_reason_name(raw: i32) -> String {
+    match FinishReason::try_from(raw) {
+        Ok(FinishReason::Length) => "length",
+        Ok(FinishReason::Stop) => "stop",
+        Ok(FinishReason::Eos) => "eos",
+        Ok(FinishReason::Cancelled) => "cancelled",
+        _ => "unspecified",
+    }
+    .into()
+}
+
+/// Runs one Generate call to its end, handing each text delta to `on_text`
+/// as it arrives.
+pub async fn generate(
+    client: &mut InferenceClient<Channel>,
+    request: GenerateRequest,
+    mut on_text: impl FnMut(&str),
+) -> Result<Completion, tonic::Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut completion = Completion::default();
+    while let Some(message) = stream.message().await? {
+        completion.token_ids.extend(&message.token_ids);
+        completion.logprobs.extend(&message.logprobs);
+        if !message.text.is_empty() {
+            on_text(&message.text);
+            completion.text.push_str(&message.text);
+        }
+        if message.finish_reason != 0 {
+            completion.finish_reason = finish_reason_name(message.finish_reason);
+        }
+        if let Some(usage) = message.usage {
+            completion.usage = Usage {
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+            };
+        }
+    }
+    if completion.finish_reason.is_empty() {
+        return Err(tonic::Status::unavailable("the stream ended without a finish reason"));
+    }
+    Ok(completion)
+}

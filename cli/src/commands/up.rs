@@ -1,0 +1,51 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use moe::launcher::{Cluster, ClusterOptions};
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Address of the router's public API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// gemm threads per expert process (RAYON_NUM_THREADS).
+    #[arg(long, default_value_t = 1)]
+    pub expert_threads: usize,
+    /// Extra flags passed to router-svc, e.g. --router-arg=--wire-dtype=bf16.
+    #[arg(long = "router-arg", allow_hyphen_values = true)]
+    pub router_args: Vec<String>,
+}
+
+impl UpArgs {
+    pub fn cluster_options(&self) -> anyhow::Result<ClusterOptions> {
+        Ok(ClusterOptions {
+            router_listen: self.listen,
+            expert_threads: self.expert_threads,
+            router_args: self.router_args.clone(),
+            ..ClusterOptions::new(&self.model)?
+        })
+    }
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(&args.cluster_options()?).await?;
+    println!(
+        "moe-serve up: router at {} with {} expert processes (Ctrl-C to stop)",
+        cluster.router_uri(),
+        cluster.experts.len()
+    );
+    for expert in &cluster.experts {
+        println!("  {} at {} (pid {})", expert.name, expert.addr, expert.pid().unwrap_or(0));
+    }
+    tokio::select! {
+        _ = moe_proto::transport::shutdown_signal() => println!("stopping"),
+        exited = cluster.any_exit() => eprintln!("{exited}; stopping the cluster"),
+    }
+    cluster.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Starts a cluster on loopback: one expert-svc process per expert of the
+//! checkpoint and one router-svc, each on a port it picks itself.
+//!
+//! Each child prints `... listening on ADDR` on stdout once bound; the
+//! launcher reads that line rather than guessing free ports, and waits for
+//! the router's gRPC health to say SERVING rather than sleeping.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub model: PathBuf,
+    /// Where the router listens; port 0 picks one.
+    pub router_listen: SocketAddr,
+    /// Directory holding the expert-svc and router-svc binaries.
+    pub bin_dir: PathBuf,
+    /// gemm threads per expert process. 17 processes each with a thread per
+    /// core would fight over the cores; experts get 1 by default, the router
+    /// keeps the default (one per core) for attention.
+    pub expert_threads: usize,
+    /// Run the experts inside the router instead (no expert processes).
+    pub local_experts: bool,
+    /// Extra flags for router-svc.
+    pub router_args: Vec<String>,
+    /// How long to wait for every process to be ready.
+    pub ready_timeout: Duration,
+    /// `RUST_LOG` for the children when the caller's environment sets none.
+    pub log_filter: String,
+}
+
+impl ClusterOptions {
+    pub fn new(model: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        Ok(Self {
+            model: model.into(),
+            router_listen: "127.0.0.1:0".parse()?,
+            bin_dir: binaries_dir()?,
+            expert_threads: 1,
+            local_experts: false,
+            router_args: Vec::new(),
+            ready_timeout: Duration::from_secs(120),
+            log_filter: "info".into(),
+        })
+    }
+}
+
+/// One running child process.
+pub struct Process {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Process {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM: the process drains and exits.
+    pub fn terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on a pid we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) -> std::io::Result<()> {
+        self.child.kill().await
+    }
+}
+
+pub struct Cluster {
+    pub router: Process,
+    pub experts: Vec<Process>,
+}
+
+/// The directory of the running executable, or its parent: `moe` lives
+/// beside expert-svc and router-svc, a test binary one level below them.
+pub fn binaries_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("executable has no directory")?;
+    for candidate in [Some(dir), dir.parent()].into_iter().flatten() {
+        if candidate.join("router-svc").is_file() && candidate.join("expert-svc").is_file() {
+            return Ok(candidate.to_owned());
+        }
+    }
+    bail!(
+        "router-svc and expert-svc are not next to {}: build them with `cargo build --workspace`",
+        exe.display()
+    )
+}
+
+impl Cluster {
+    pub async fn start(options: &ClusterOptions) -> anyhow::Result<Self> {
+        let config = moe_model::ModelConfig::from_file(&options.model.join(moe_model::CONFIG_FILE))?;
+        let mut experts = Vec::new();
+        let mut router_args = vec![
+            "--model".to_owned(),
+            path_arg(&options.model),
+            "--listen".into(),
+            options.router_listen.to_string(),
+        ];
+        if options.local_experts {
+            router_args.push("--local-experts".into());
+        } else {
+            for expert in 0..config.num_local_experts {
+                let mut command = Command::new(options.bin_dir.join("expert-svc"));
+                command
+                    .args(["--model", &path_arg(&options.model), "--listen", "127.0.0.1:0"])
+                    .args(["--expert", &expert.to_string()])
+                    .env("RAYON_NUM_THREADS", options.expert_threads.to_string())
+                    .env("TOKIO_WORKER_THREADS", "1");
+                experts.push(spawn(format!("expert-svc {expert}"), command, options).await?);
+            }
+            for (expert, process) in experts.iter().enumerate() {
+                router_args.push("--expert".into());
+                router_args.push(format!("{expert}=http://{}", process.addr));
+            }
+        }
+        router_args.extend(options.router_args.iter().cloned());
+        let mut command = Command::new(options.bin_dir.join("router-svc"));
+        command.args(&router_args);
+        let router = spawn("router-svc".into(), command, options).await?;
+        let cluster = Self { router, experts };
+        cluster.wait_until_serving(options.ready_timeout).await?;
+        Ok(cluster)
+    }
+
+    pub fn router_uri(&self) -> String {
+        format!("http://{}", self.router.addr)
+    }
+
+    /// Polls the router's gRPC health until SERVING (every expert answered).
+    async fn wait_until_serving(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let uri = self.router_uri();
+        loop {
+            let status = async {
+                let mut client = HealthClient::new(moe_proto::transport::connect(&uri).await?);
+                let response = client.check(HealthCheckRequest { service: String::new() }).await?;
+                anyhow::Ok(response.into_inner().status)
+            }
+            .await;
+            if matches!(status, Ok(s) if s == ServingStatus::Serving as i32) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("router at {uri} not serving after {timeout:?}: {status:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until any process exits, and says which and how.
+    pub async fn any_exit(&mut self) -> String {
+        let mut waits = Vec::new();
+        for process in std::iter::once(&mut self.router).chain(self.experts.iter_mut()) {
+            let name = process.name.clone();
+            waits.push(Box::pin(async move {
+                let status = process.child.wait().await;
+                format!("{name} exited: {status:?}")
+            }));
+        }
+        futures::future::select_all(waits).await.0
+    }
+
+    /// SIGTERM to the router, then to the experts; SIGKILL for any that is
+    /// still running after `grace`.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.router.terminate();
+        let _ = tokio::time::timeout(grace, self.router.child.wait()).await;
+        for expert in &self.experts {
+            expert.terminate();
+        }
+        for process in std::iter::once(&mut self.router).chain(self.experts.iter_mut()) {
+            if tokio::time::timeout(grace, process.child.wait()).await.is_err() {
+                let _ = process.child.kill().await;
+            }
+        }
+    }
+}
+
+fn path_arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// Spawns `command` and waits for its `listening on ADDR` line. The child
+/// dies with its handle (`kill_on_drop`), so no test leaks processes.
+async fn spawn(name: String, mut command: Command, options: &ClusterOptions) -> anyhow::Result<Process> {
+    let timeout = options.ready_timeout;
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", &options.log_filter);
+    }
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(timeout, lines.next_line())
+        .await
+        .with_context(|| format!("{name} did not start listening within {timeout:?}"))??;
+    let Some(addr) = line.as_deref().and_then(|l| l.rsplit_once("listening on ")).map(|(_, addr)| addr.trim().to_owned())
+    else {
+        let status = child.wait().await?;
+        bail!("{name} exited before listening ({status}); its log above says why");
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Process {
+        addr: addr.parse().with_context(|| format!("{name} printed a bad address {addr:?}"))?,
+        name,
+        child,
+    })
+}

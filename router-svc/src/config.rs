@@ -1,0 +1,118 @@
+//! Command-line flags, turned into one validated [`Config`] before anything
+//! is loaded or connected.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use moe_proto::WireDType;
+
+use crate::RouterError;
+use crate::cluster::{self, ExpertEndpoint};
+use crate::scheduler::SchedulerConfig;
+
+/// Serve a Mixture-of-Experts model: the public API, attention and gate
+/// here, the experts in their own processes (or in this one).
+#[derive(Debug, Parser)]
+#[command(name = "router-svc", version)]
+pub struct Args {
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "MOE_MODEL")]
+    pub model: PathBuf,
+    /// Address of the public gRPC API; port 0 picks a free port.
+    #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// An expert endpoint: E=URI, or E@A..B=URI for layers A..B only.
+    /// Repeat for every expert (and replica).
+    #[arg(long = "expert", value_name = "SPEC")]
+    pub experts: Vec<String>,
+    /// A JSON cluster file listing the expert endpoints.
+    #[arg(long, env = "MOE_CLUSTER")]
+    pub cluster: Option<PathBuf>,
+    /// Run every expert inside this process (same kernels, no network).
+    #[arg(long)]
+    pub local_experts: bool,
+    /// `cpu` or `cuda:N`, for attention (and local experts).
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Tokens per step at most (decodes plus prompt chunks).
+    #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 1024)]
+    pub max_batch_tokens: usize,
+    /// Sequences running at once at most.
+    #[arg(long, env = "MOE_MAX_RUNNING", default_value_t = 128)]
+    pub max_running: usize,
+    /// Requests waiting for admission at most; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MOE_QUEUE_CAPACITY", default_value_t = 1024)]
+    pub queue_capacity: usize,
+    /// Seconds an expert may take to answer one message.
+    #[arg(long, env = "MOE_EXPERT_TIMEOUT_SECS", default_value_t = 30)]
+    pub expert_timeout_secs: u64,
+    /// Element type of hidden states on the wire: f32, bf16 or f16.
+    #[arg(long, env = "MOE_WIRE_DTYPE", default_value = "f32")]
+    pub wire_dtype: WireDType,
+    /// Seconds to let running requests finish after SIGTERM.
+    #[arg(long, env = "MOE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum ExpertPlacement {
+    Local,
+    Remote(Vec<ExpertEndpoint>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub model: PathBuf,
+    pub listen: SocketAddr,
+    pub experts: ExpertPlacement,
+    pub device: String,
+    pub scheduler: SchedulerConfig,
+    pub expert_timeout: Duration,
+    pub wire_dtype: WireDType,
+    pub shutdown_grace: Duration,
+}
+
+impl TryFrom<Args> for Config {
+    type Error = RouterError;
+
+    fn try_from(args: Args) -> Result<Self, RouterError> {
+        let sources = usize::from(args.local_experts) + usize::from(!args.experts.is_empty()) + usize::from(args.cluster.is_some());
+        if sources != 1 {
+            return Err(RouterError::InvalidArgument(
+                "say where the experts are with exactly one of --local-experts, --expert or --cluster".into(),
+            ));
+        }
+        let experts = if args.local_experts {
+            ExpertPlacement::Local
+        } else if let Some(path) = &args.cluster {
+            ExpertPlacement::Remote(cluster::read_file(path)?)
+        } else {
+            ExpertPlacement::Remote(args.experts.iter().map(|flag| cluster::parse_flag(flag)).collect::<Result<_, _>>()?)
+        };
+        for (name, value) in [
+            ("--max-batch-tokens", args.max_batch_tokens),
+            ("--max-running", args.max_running),
+            ("--queue-capacity", args.queue_capacity),
+        ] {
+            if value == 0 {
+                return Err(RouterError::InvalidArgument(format!("{name} must be positive")));
+            }
+        }
+        Ok(Self {
+            model: args.model,
+            listen: args.listen,
+            experts,
+            device: args.device,
+            scheduler: SchedulerConfig {
+                max_batch_tokens: args.max_batch_tokens,
+                max_running: args.max_running,
+                queue_capacity: args.queue_capacity,
+            },
+            expert_timeout: Duration::from_secs(args.expert_timeout_secs),
+            wire_dtype: args.wire_dtype,
+            shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        })
+    }
+}

@@ -1,0 +1,268 @@
+//! The distributed mode: one actor per expert endpoint, each keeping one
+//! persistent bidirectional `Forward` stream to its expert process and
+//! matching answers to callers by request id.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use candle_core::Tensor;
+use moe_proto::v1::expert_client::ExpertClient;
+use moe_proto::v1::expert_result::Result as Answer;
+use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertBatch, ExpertResult};
+use moe_proto::{MAX_MESSAGE_BYTES, WireDType, tensor_codec, transport};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use super::ExpertBackend;
+use crate::RouterError;
+
+/// How every endpoint actor talks to its expert.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    /// An expert that has not answered a message by then is reported.
+    pub timeout: Duration,
+    /// Element type of the hidden states on the wire.
+    pub wire_dtype: WireDType,
+    pub hidden_size: usize,
+}
+
+/// Messages waiting for the actor, and messages waiting for the stream.
+const CALL_QUEUE: usize = 256;
+const STREAM_QUEUE: usize = 64;
+
+type Reply = oneshot::Sender<Result<moe_proto::v1::Tensor, RouterError>>;
+
+struct Call {
+    layer: u32,
+    hidden: moe_proto::v1::Tensor,
+    reply: Reply,
+}
+
+/// A cloneable handle on the actor that owns one endpoint's stream.
+#[derive(Clone)]
+pub struct EndpointClient {
+    /// "expert 3 at http://127.0.0.1:50064": how errors name this endpoint.
+    label: Arc<str>,
+    channel: Channel,
+    calls: mpsc::Sender<Call>,
+    settings: Arc<DispatchSettings>,
+}
+
+impl EndpointClient {
+    /// Starts the actor. Nothing connects until the first call: a cluster
+    /// may come up in any order.
+    pub fn spawn(expert: usize, uri: &str, settings: DispatchSettings) -> Result<Self, RouterError> {
+        let channel = transport::endpoint(uri)?.connect_lazy();
+        let label: Arc<str> = format!("expert {expert} at {uri}").into();
+        let (calls, receiver) = mpsc::channel(CALL_QUEUE);
+        tokio::spawn(run_actor(label.clone(), channel.clone(), receiver));
+        Ok(Self {
+            label,
+            channel,
+            calls,
+            settings: Arc::new(settings),
+        })
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn client(&self) -> ExpertClient<Channel> {
+        ExpertClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub async fn describe(&self) -> Result<DescribeResponse, RouterError> {
+        let mut client = self.client();
+        match tokio::time::timeout(self.settings.timeout, client.describe(DescribeRequest {})).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(RouterError::ExpertUnavailable(format!("{}: {}", self.label, status.message()))),
+            Err(_) => Err(RouterError::ExpertTimeout(format!("{} did not answer Describe", self.label))),
+        }
+    }
+
+    /// Sends `rows` (`[n, hidden]`) of `layer` and waits for the answer.
+    pub async fn forward(&self, layer: usize, rows: &Tensor) -> Result<Tensor, RouterError> {
+        let expected_rows = rows.dim(0)?;
+        let hidden = tensor_codec::encode(rows, self.settings.wire_dtype)
+            .map_err(|err| RouterError::Internal(err.to_string()))?;
+        let (reply, answer) = oneshot::channel();
+        self.calls
+            .try_send(Call {
+                layer: layer as u32,
+                hidden,
+                reply,
+            })
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => {
+                    RouterError::Overloaded(format!("{}: {CALL_QUEUE} messages already waiting", self.label))
+                }
+                mpsc::error::TrySendError::Closed(_) => RouterError::ShuttingDown,
+            })?;
+        let output = match tokio::time::timeout(self.settings.timeout, answer).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => return Err(RouterError::ShuttingDown),
+            Err(_) => {
+                return Err(RouterError::ExpertTimeout(format!(
+                    "{} did not answer layer {layer} within {:?}",
+                    self.label, self.settings.timeout
+                )));
+            }
+        };
+        let (output, _) = tensor_codec::decode_rows(Some(&output), self.settings.hidden_size, rows.device())
+            .map_err(|err| RouterError::Internal(format!("{} answered a bad tensor: {err}", self.label)))?;
+        if output.dim(0)? != expected_rows {
+            return Err(RouterError::Internal(format!(
+                "{} answered {} rows for {expected_rows}",
+                self.label,
+                output.dim(0)?
+            )));
+        }
+        Ok(output)
+    }
+}
+
+/// An open Forward stream.
+struct Stream {
+    outbound: mpsc::Sender<ExpertBatch>,
+    inbound: Streaming<ExpertResult>,
+}
+
+async fn open_stream(channel: &Channel) -> Result<Stream, tonic::Status> {
+    let (outbound, receiver) = mpsc::channel(STREAM_QUEUE);
+    let mut client = ExpertClient::new(channel.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let inbound = client.forward(ReceiverStream::new(receiver)).await?.into_inner();
+    Ok(Stream { outbound, inbound })
+}
+
+async fn next_result(stream: &mut Option<Stream>) -> Option<Result<ExpertResult, tonic::Status>> {
+    match stream {
+        Some(stream) => stream.inbound.message().await.transpose(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Owns the stream and the table of calls awaiting an answer. When the
+/// stream breaks, every pending call fails at once (naming the endpoint) and
+/// the next call opens a new stream.
+async fn run_actor(label: Arc<str>, channel: Channel, mut calls: mpsc::Receiver<Call>) {
+    let mut stream: Option<Stream> = None;
+    let mut pending: HashMap<u64, Reply> = HashMap::new();
+    let mut next_id = 0u64;
+    let unavailable = |why: String| RouterError::ExpertUnavailable(format!("{label}: {why}"));
+    loop {
+        tokio::select! {
+            call = calls.recv() => {
+                let Some(call) = call else { break };
+                if stream.is_none() {
+                    match open_stream(&channel).await {
+                        Ok(opened) => stream = Some(opened),
+                        Err(status) => {
+                            let _ = call.reply.send(Err(unavailable(format!("cannot open a stream: {}", status.message()))));
+                            continue;
+                        }
+                    }
+                }
+                next_id += 1;
+                let batch = ExpertBatch { request_id: next_id, layer: call.layer, hidden: Some(call.hidden) };
+                pending.insert(next_id, call.reply);
+                let sent = match &stream {
+                    Some(open) => open.outbound.send(batch).await.is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    stream = None;
+                    fail_all(&mut pending, || unavailable("stream closed".into()));
+                }
+            }
+            result = next_result(&mut stream) => match result {
+                Some(Ok(message)) => match pending.remove(&message.request_id) {
+                    Some(reply) => {
+                        let _ = reply.send(answer(&label, message.result));
+                    }
+                    None => tracing::warn!(%label, request_id = message.request_id, "answer to no pending call"),
+                },
+                Some(Err(status)) => {
+                    tracing::warn!(%label, %status, "expert stream failed");
+                    stream = None;
+                    fail_all(&mut pending, || unavailable(format!("stream failed: {}", status.message())));
+                }
+                None => {
+                    stream = None;
+                    fail_all(&mut pending, || unavailable("the expert closed its stream".into()));
+                }
+            }
+        }
+    }
+}
+
+fn fail_all(pending: &mut HashMap<u64, Reply>, error: impl Fn() -> RouterError) {
+    for (_, reply) in pending.drain() {
+        let _ = reply.send(Err(error()));
+    }
+}
+
+fn answer(label: &str, result: Option<Answer>) -> Result<moe_proto::v1::Tensor, RouterError> {
+    match result {
+        Some(Answer::Output(tensor)) => Ok(tensor),
+        Some(Answer::Error(status)) => {
+            let message = format!("{label} refused a batch: {}", status.message);
+            Err(match tonic::Code::from_i32(status.code) {
+                tonic::Code::ResourceExhausted => RouterError::Overloaded(message),
+                tonic::Code::Unavailable => RouterError::ExpertUnavailable(message),
+                _ => RouterError::Internal(message),
+            })
+        }
+        None => Err(RouterError::Internal(format!("{label} sent an empty answer"))),
+    }
+}
+
+/// Which endpoint serves each (expert, layer).
+pub struct RemoteExperts {
+    /// Per expert: the endpoints and the layers each serves.
+    endpoints: Vec<Vec<(Range<usize>, EndpointClient)>>,
+    next: AtomicUsize,
+}
+
+impl RemoteExperts {
+    pub fn new(endpoints: Vec<Vec<(Range<usize>, EndpointClient)>>) -> Self {
+        Self {
+            endpoints,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &EndpointClient> {
+        self.endpoints.iter().flatten().map(|(_, client)| client)
+    }
+
+    fn pick(&self, expert: usize, layer: usize) -> Option<&EndpointClient> {
+        let candidates: Vec<&EndpointClient> = self.endpoints.get(expert)?
+            .iter()
+            .filter(|(layers, _)| layers.contains(&layer))
+            .map(|(_, client)| client)
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()])
+    }
+}
+
+impl ExpertBackend for RemoteExperts {
+    async fn run(&self, expert: usize, layer: usize, rows: Tensor) -> Result<Tensor, RouterError> {
+        let endpoint = self.pick(expert, layer).ok_or_else(|| {
+            RouterError::ExpertUnavailable(format!("no endpoint serves expert {expert} at layer {layer}"))
+        })?;
+        endpoint.forward(layer, &rows).await
+    }
+}

@@ -1,0 +1,81 @@
+//! One error enum for the router, mapped to gRPC codes in one place.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// A request field is wrong; the message names it.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("not ready: {0}")]
+    NotReady(String),
+    #[error("the router is shutting down")]
+    ShuttingDown,
+    #[error("{0}")]
+    Overloaded(String),
+    /// An expert could not answer; the message names it and its endpoint.
+    #[error("{0}")]
+    ExpertUnavailable(String),
+    #[error("{0}")]
+    ExpertTimeout(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error(transparent)]
+    Model(#[from] moe_model::ModelError),
+    #[error(transparent)]
+    Attention(#[from] attention_svc::AttentionError),
+    #[error("tensor math failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl RouterError {
+    /// The one place where the router's failures become gRPC codes.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::NotReady(_) | Self::ShuttingDown | Self::ExpertUnavailable(_) => Code::Unavailable,
+            Self::Overloaded(_) => Code::ResourceExhausted,
+            Self::ExpertTimeout(_) => Code::DeadlineExceeded,
+            Self::Internal(_) | Self::Model(_) | Self::Attention(_) | Self::Candle(_) | Self::Io(_) | Self::Transport(_) => {
+                Code::Internal
+            }
+        }
+    }
+
+    /// A copy for each of the requests one failure ends (a failed step ends
+    /// every sequence in it).
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
+            Self::FailedPrecondition(m) => Self::FailedPrecondition(m.clone()),
+            Self::NotReady(m) => Self::NotReady(m.clone()),
+            Self::ShuttingDown => Self::ShuttingDown,
+            Self::Overloaded(m) => Self::Overloaded(m.clone()),
+            Self::ExpertUnavailable(m) => Self::ExpertUnavailable(m.clone()),
+            Self::ExpertTimeout(m) => Self::ExpertTimeout(m.clone()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<RouterError> for Status {
+    fn from(err: RouterError) -> Self {
+        Status::new(err.code(), err.to_string())
+    }
+}
+
+impl<E: Into<RouterError>> From<attention_svc::StepError<E>> for RouterError {
+    fn from(err: attention_svc::StepError<E>) -> Self {
+        match err {
+            attention_svc::StepError::Attention(err) => err.into(),
+            attention_svc::StepError::Moe(err) => err.into(),
+        }
+    }
+}

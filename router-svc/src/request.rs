@@ -1,0 +1,158 @@
+//! Checks a client's GenerateRequest and turns it into what the scheduler
+//! runs. Every refusal is INVALID_ARGUMENT naming the field at fault.
+
+use moe_model::ModelConfig;
+use moe_proto::v1::{GenerateRequest, generate_request::Prompt};
+use tokenizers::Tokenizer;
+
+use crate::RouterError;
+use crate::sampling::SamplingParams;
+
+/// Tokens generated when a request names no `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+/// At most this many stop strings per request.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// A request that passed every check.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub logprobs: bool,
+    pub stop_at_eos: bool,
+}
+
+fn invalid(message: String) -> RouterError {
+    RouterError::InvalidArgument(message)
+}
+
+pub fn validate(
+    request: GenerateRequest,
+    config: &ModelConfig,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<ValidRequest, RouterError> {
+    let prompt = match request.prompt {
+        Some(Prompt::Text(text)) => {
+            if text.is_empty() {
+                return Err(invalid("prompt is empty: text must hold at least one character".into()));
+            }
+            let tokenizer = tokenizer.ok_or_else(|| {
+                RouterError::FailedPrecondition("this checkpoint has no tokenizer.json: send token_ids instead of text".into())
+            })?;
+            let encoding = tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|err| invalid(format!("prompt text cannot be tokenised: {err}")))?;
+            encoding.get_ids().to_vec()
+        }
+        Some(Prompt::TokenIds(ids)) => ids.ids,
+        None => return Err(invalid("prompt is empty: set text or token_ids".into())),
+    };
+    if prompt.is_empty() {
+        return Err(invalid("prompt is empty: it holds no tokens".into()));
+    }
+    if let Some((index, id)) = prompt.iter().enumerate().find(|(_, id)| **id as usize >= config.vocab_size) {
+        return Err(invalid(format!(
+            "token_ids[{index}] = {id} is outside the vocabulary (vocab_size {})",
+            config.vocab_size
+        )));
+    }
+    let context = config.max_position_embeddings;
+    let room = context.saturating_sub(prompt.len());
+    let max_tokens = match request.max_tokens {
+        Some(0) => return Err(invalid("max_tokens must be at least 1".into())),
+        Some(n) => n as usize,
+        None => DEFAULT_MAX_TOKENS.min(room),
+    };
+    if max_tokens == 0 || prompt.len() + max_tokens > context {
+        return Err(invalid(format!(
+            "prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the context length ({context})",
+            prompt.len()
+        )));
+    }
+    let temperature = request.temperature.unwrap_or(1.0);
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        return Err(invalid(format!("temperature must be >= 0, got {temperature}")));
+    }
+    let top_p = request.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(invalid(format!("top_p must be in (0, 1], got {top_p}")));
+    }
+    if request.top_k < 0 {
+        return Err(invalid(format!("top_k must be >= 0, got {}", request.top_k)));
+    }
+    if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(String::is_empty) {
+        return Err(invalid(format!("stop must hold at most {MAX_STOP_STRINGS} non-empty strings")));
+    }
+    Ok(ValidRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_p,
+            top_k: request.top_k as usize,
+            seed: request.seed.unwrap_or_else(rand::random),
+        },
+        stop: request.stop,
+        logprobs: request.logprobs,
+        stop_at_eos: !request.ignore_eos,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_proto::v1::TokenIds;
+
+    fn config() -> ModelConfig {
+        moe_model::synth::Preset::Tiny.config(100)
+    }
+
+    fn ids(ids: Vec<u32>) -> GenerateRequest {
+        GenerateRequest {
+            prompt: Some(Prompt::TokenIds(TokenIds { ids })),
+            ..Default::default()
+        }
+    }
+
+    fn error(request: GenerateRequest) -> String {
+        validate(request, &config(), None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let valid = validate(ids(vec![1, 2]), &config(), None).unwrap();
+        assert_eq!(valid.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(valid.sampling.temperature, 1.0);
+        assert_eq!(valid.sampling.top_p, 1.0);
+        assert!(valid.stop_at_eos);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert!(error(ids(vec![])).contains("prompt is empty"));
+        assert!(error(GenerateRequest::default()).contains("prompt is empty"));
+        assert!(error(ids(vec![1, 100])).contains("token_ids[1] = 100"));
+        let long = GenerateRequest {
+            max_tokens: Some(1023),
+            ..ids(vec![1, 2])
+        };
+        assert!(error(long).contains("exceeds the context length (1024)"));
+        let cold = GenerateRequest {
+            temperature: Some(-0.5),
+            ..ids(vec![1])
+        };
+        assert!(error(cold).contains("temperature"));
+        let p = GenerateRequest {
+            top_p: Some(1.5),
+            ..ids(vec![1])
+        };
+        assert!(error(p).contains("top_p"));
+        let k = GenerateRequest {
+            top_k: -1,
+            ..ids(vec![1])
+        };
+        assert!(error(k).contains("top_k"));
+    }
+}

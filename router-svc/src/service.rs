@@ -1,0 +1,169 @@
+//! The public `moe.v1.Inference` service.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use moe_model::ModelConfig;
+use moe_proto::v1::{
+    FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse, Usage, inference_server,
+};
+use tokenizers::Tokenizer;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::detokenizer::{IncrementalDecoder, StopMatcher};
+use crate::readiness::Readiness;
+use crate::request::{ValidRequest, validate};
+use crate::sampling::Sampler;
+use crate::scheduler::{Finish, GenerationRequest, SchedulerHandle, SequenceEvent};
+use crate::RouterError;
+
+/// Events a sequence may have waiting for its relay task.
+const EVENTS_CAPACITY: usize = 32;
+/// Responses waiting for the client to read them.
+const RESPONSES_CAPACITY: usize = 16;
+
+/// What the service knows about the model it serves.
+pub struct ServedModel {
+    pub config: ModelConfig,
+    pub fingerprint: String,
+    pub tokenizer: Option<Tokenizer>,
+    /// "local" or "distributed".
+    pub expert_mode: &'static str,
+}
+
+#[derive(Clone)]
+pub struct InferenceService {
+    model: Arc<ServedModel>,
+    scheduler: SchedulerHandle,
+    readiness: Readiness,
+    draining: watch::Receiver<bool>,
+}
+
+impl InferenceService {
+    pub fn new(
+        model: Arc<ServedModel>,
+        scheduler: SchedulerHandle,
+        readiness: Readiness,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            model,
+            scheduler,
+            readiness,
+            draining,
+        }
+    }
+
+    fn admit(&self, request: GenerateRequest) -> Result<(ValidRequest, mpsc::Receiver<SequenceEvent>), RouterError> {
+        if *self.draining.borrow() {
+            return Err(RouterError::ShuttingDown);
+        }
+        if let Err(why) = &*self.readiness.borrow() {
+            return Err(RouterError::NotReady(why.clone()));
+        }
+        let valid = validate(request, &self.model.config, self.model.tokenizer.as_ref())?;
+        let (events, receiver) = mpsc::channel(EVENTS_CAPACITY);
+        self.scheduler.submit(GenerationRequest {
+            prompt: valid.prompt.clone(),
+            max_tokens: valid.max_tokens,
+            sampler: Sampler::new(valid.sampling),
+            stop_at_eos: valid.stop_at_eos,
+            events,
+        })?;
+        Ok((valid, receiver))
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl inference_server::Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        let (valid, events) = self.admit(request.into_inner())?;
+        let (responses, stream) = mpsc::channel(RESPONSES_CAPACITY);
+        tokio::spawn(relay(valid, events, responses, self.model.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
+    }
+
+    async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+        let config = &self.model.config;
+        Ok(Response::new(ModelInfoResponse {
+            model_type: config.model_type.clone(),
+            num_layers: config.num_hidden_layers as u32,
+            hidden_size: config.hidden_size as u32,
+            num_experts: config.num_local_experts as u32,
+            num_experts_per_tok: config.num_experts_per_tok as u32,
+            num_attention_heads: config.num_attention_heads as u32,
+            num_key_value_heads: config.num_key_value_heads as u32,
+            vocab_size: config.vocab_size as u32,
+            max_position_embeddings: config.max_position_embeddings as u32,
+            model_fingerprint: self.model.fingerprint.clone(),
+            expert_mode: self.model.expert_mode.into(),
+        }))
+    }
+}
+
+/// Turns a sequence's events into the client's responses: text deltas,
+/// stop strings, usage. Returning drops `events`, which cancels the
+/// sequence: that is how a client that leaves, or a stop string, frees the
+/// sequence and its KV cache.
+async fn relay(
+    request: ValidRequest,
+    mut events: mpsc::Receiver<SequenceEvent>,
+    responses: mpsc::Sender<Result<GenerateResponse, Status>>,
+    model: Arc<ServedModel>,
+) {
+    let mut decoder = IncrementalDecoder::new(&request.prompt);
+    let mut stops = StopMatcher::new(request.stop.clone());
+    let mut completion_tokens = 0u32;
+    let usage = |completion_tokens| Usage {
+        prompt_tokens: request.prompt.len() as u32,
+        completion_tokens,
+    };
+    loop {
+        let event = tokio::select! {
+            _ = responses.closed() => return,
+            event = events.recv() => event,
+        };
+        let response = match event {
+            Some(SequenceEvent::Token { id, logprob }) => {
+                completion_tokens += 1;
+                let delta = model.tokenizer.as_ref().map(|t| decoder.push(t, id)).unwrap_or_default();
+                let (text, stopped) = stops.push(&delta);
+                GenerateResponse {
+                    token_ids: vec![id],
+                    text,
+                    logprobs: if request.logprobs { vec![logprob] } else { vec![] },
+                    finish_reason: if stopped { FinishReason::Stop as i32 } else { 0 },
+                    usage: stopped.then(|| usage(completion_tokens)),
+                }
+            }
+            Some(SequenceEvent::Finished(finish)) => GenerateResponse {
+                text: stops.flush(),
+                finish_reason: match finish {
+                    Finish::Length => FinishReason::Length,
+                    Finish::Eos => FinishReason::Eos,
+                } as i32,
+                usage: Some(usage(completion_tokens)),
+                ..Default::default()
+            },
+            Some(SequenceEvent::Failed(err)) => {
+                let _ = responses.send(Err(err.into())).await;
+                return;
+            }
+            None => {
+                let _ = responses.send(Err(RouterError::ShuttingDown.into())).await;
+                return;
+            }
+        };
+        let last = response.finish_reason != 0;
+        if responses.send(Ok(response)).await.is_err() || last {
+            return;
+        }
+    }
+}
