@@ -199,7 +199,7 @@ fn path_arg(path: &Path) -> String {
 
 /// Spawns `command` and waits for its `listening on ADDR` line. The child
 /// dies with its handle (`kill_on_drop`), so no test leaks processes.
-async fn spawn(name: String, mut command: Command, options: &ClusterOptions) -> anyhow::Result<Process> {
+pub async fn spawn(name: String, mut command: Command, options: &ClusterOptions) -> anyhow::Result<Process> {
     let timeout = options.ready_timeout;
     if std::env::var_os("RUST_LOG").is_none() {
         command.env("RUST_LOG", &options.log_filter);

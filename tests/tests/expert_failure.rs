@@ -1,0 +1,41 @@
+//! An expert process that dies mid-request ends that request quickly with
+//! UNAVAILABLE naming the expert; the router itself keeps serving.
+
+use std::time::{Duration, Instant};
+
+use moe_e2e::{generate, greedy, start, tiny_checkpoint};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_expert_fails_the_request_fast_and_names_it() {
+    let model = tiny_checkpoint();
+    let mut cluster = start(model.path(), false).await;
+    let uri = cluster.router_uri();
+    generate(&uri, greedy(&[5, 6, 7], 4)).await.expect("healthy cluster answers");
+
+    // A long generation is running when expert 3 is killed (SIGKILL, as a
+    // crash or an OOM kill would).
+    let long = tokio::spawn({
+        let uri = uri.clone();
+        async move { generate(&uri, greedy(&[9, 10, 11], 900)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed_at = Instant::now();
+    let victim_addr = cluster.experts[3].addr;
+    cluster.experts[3].kill().await.expect("kill expert 3");
+
+    let status = tokio::time::timeout(Duration::from_secs(10), long)
+        .await
+        .expect("the request ends instead of hanging")
+        .expect("task")
+        .expect_err("the request cannot complete without expert 3");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("expert 3"), "{}", status.message());
+    assert!(status.message().contains(&victim_addr.to_string()), "{}", status.message());
+    assert!(killed_at.elapsed() < Duration::from_secs(5), "took {:?}", killed_at.elapsed());
+
+    // The router is still up and says the same about new requests.
+    let again = generate(&uri, greedy(&[1, 2], 4)).await.expect_err("expert 3 is still dead");
+    assert_eq!(again.code(), Code::Unavailable);
+    assert!(again.message().contains("expert 3"), "{}", again.message());
+}
