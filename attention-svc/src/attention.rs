@@ -40,10 +40,22 @@ pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor) -> candle_core::Result
 
 /// `[n, context]`: 0 where new row `i` (at position `context - n + i`) may
 /// look, -inf at the positions after it.
-fn causal_mask(n: usize, context: usize, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+fn causal_mask(
+    n: usize,
+    context: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
     let offset = context - n;
     let mask: Vec<f32> = (0..n)
-        .flat_map(|i| (0..context).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..context).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (n, context), device)
 }

@@ -19,7 +19,11 @@ pub trait MoeLayer: Sync {
     /// Takes `[rows, hidden]` post-attention-norm hidden states of `layer`
     /// and returns `[rows, hidden]`: the weighted sum of the outputs of the
     /// experts each row is routed to.
-    fn forward(&self, layer: usize, hidden: &Tensor) -> impl Future<Output = Result<Tensor, Self::Error>> + Send;
+    fn forward(
+        &self,
+        layer: usize,
+        hidden: &Tensor,
+    ) -> impl Future<Output = Result<Tensor, Self::Error>> + Send;
 }
 
 /// The new tokens of one sequence in a step: a whole prompt, a chunk of
@@ -75,7 +79,10 @@ impl Engine {
             let attention = self.attention(layer, &normed, &positions, chunks)?;
             let h = (x + attention.matmul(&weights.o_proj.t()?)?)?;
             let moe_input = rms_norm(&h, &weights.post_attention_norm, eps)?;
-            let moe_output = moe.forward(layer, &moe_input).await.map_err(StepError::Moe)?;
+            let moe_output = moe
+                .forward(layer, &moe_input)
+                .await
+                .map_err(StepError::Moe)?;
             x = (h + moe_output)?;
         }
         let mut last_rows = Vec::with_capacity(chunks.len());
@@ -86,7 +93,11 @@ impl Engine {
             last_rows.push(end - 1);
         }
         let last_rows = Tensor::new(last_rows, &self.device)?;
-        let last = rms_norm(&x.index_select(&last_rows, 0)?, &self.weights.final_norm, eps)?;
+        let last = rms_norm(
+            &x.index_select(&last_rows, 0)?,
+            &self.weights.final_norm,
+            eps,
+        )?;
         Ok(last.matmul(&self.weights.lm_head.t()?)?)
     }
 
@@ -104,7 +115,11 @@ impl Engine {
                     max: self.config.max_position_embeddings,
                 });
             }
-            if let Some(&bad) = chunk.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            if let Some(&bad) = chunk
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
                 return Err(AttentionError::TokenOutOfVocabulary {
                     token: bad,
                     vocab_size: self.config.vocab_size,
@@ -113,7 +128,10 @@ impl Engine {
             tokens.extend_from_slice(chunk.tokens);
             positions.extend(start as u32..needed as u32);
         }
-        Ok((Tensor::new(tokens, &self.device)?, Tensor::new(positions, &self.device)?))
+        Ok((
+            Tensor::new(tokens, &self.device)?,
+            Tensor::new(positions, &self.device)?,
+        ))
     }
 
     /// Self-attention of every chunk's new rows: projections and rotary
@@ -128,9 +146,19 @@ impl Engine {
         let weights = &self.weights.layers[layer];
         let config = &self.config;
         let rows = normed.dim(0)?;
-        let project = |w: &Tensor, heads: usize| normed.matmul(&w.t()?)?.reshape((rows, heads, config.head_dim));
-        let q = self.rotary.apply(&project(&weights.q_proj, config.num_attention_heads)?, positions)?;
-        let k = self.rotary.apply(&project(&weights.k_proj, config.num_key_value_heads)?, positions)?;
+        let project = |w: &Tensor, heads: usize| {
+            normed
+                .matmul(&w.t()?)?
+                .reshape((rows, heads, config.head_dim))
+        };
+        let q = self.rotary.apply(
+            &project(&weights.q_proj, config.num_attention_heads)?,
+            positions,
+        )?;
+        let k = self.rotary.apply(
+            &project(&weights.k_proj, config.num_key_value_heads)?,
+            positions,
+        )?;
         let v = project(&weights.v_proj, config.num_key_value_heads)?;
         let mut outputs = Vec::with_capacity(chunks.len());
         let mut offset = 0;

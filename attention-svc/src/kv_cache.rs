@@ -43,14 +43,20 @@ impl SequenceCache {
     /// `self.len()` of `layer`, and returns views of all cached positions
     /// of that layer, the new ones included. Call [`SequenceCache::advance`]
     /// once every layer has appended.
-    pub fn append(&mut self, layer: usize, keys: &Tensor, values: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let (kv_heads, n, head_dim) = keys.dims3()?;
         let (len, needed) = (self.len, self.len + n);
         let slot = &mut self.layers[layer];
         if slot.as_ref().is_none_or(|cache| cache.capacity < needed) {
             let capacity = needed.next_power_of_two().max(MIN_CAPACITY);
             let grow = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
-                let buffer = Tensor::zeros((kv_heads, capacity, head_dim), keys.dtype(), keys.device())?;
+                let buffer =
+                    Tensor::zeros((kv_heads, capacity, head_dim), keys.dtype(), keys.device())?;
                 if let Some(old) = old.filter(|_| len > 0) {
                     buffer.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
                 }
@@ -66,7 +72,10 @@ impl SequenceCache {
         let cache = slot.as_ref().expect("allocated above");
         cache.keys.slice_set(&keys.contiguous()?, 1, len)?;
         cache.values.slice_set(&values.contiguous()?, 1, len)?;
-        Ok((cache.keys.narrow(1, 0, needed)?, cache.values.narrow(1, 0, needed)?))
+        Ok((
+            cache.keys.narrow(1, 0, needed)?,
+            cache.values.narrow(1, 0, needed)?,
+        ))
     }
 
     /// Marks `n` more positions as filled once every layer has appended them.
@@ -93,8 +102,14 @@ mod tests {
             let (keys, vals) = cache.append(0, &new, &new).unwrap();
             cache.advance(n);
             assert_eq!(keys.dims(), &[1, cache.len(), 2]);
-            assert_eq!(keys.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
-            assert_eq!(vals.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+            assert_eq!(
+                keys.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                expected
+            );
+            assert_eq!(
+                vals.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                expected
+            );
         }
         assert_eq!(cache.len(), 44);
     }

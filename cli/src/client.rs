@@ -67,7 +67,9 @@ pub async fn generate(
         }
     }
     if completion.finish_reason.is_empty() {
-        return Err(tonic::Status::unavailable("the stream ended without a finish reason"));
+        return Err(tonic::Status::unavailable(
+            "the stream ended without a finish reason",
+        ));
     }
     Ok(completion)
 }

@@ -13,9 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// How to start a cluster.
 #[derive(Debug, Clone)]
@@ -76,6 +76,11 @@ impl Process {
         }
     }
 
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait().await
+    }
+
     /// Kills the process at once (SIGKILL), as a crash would.
     pub async fn kill(&mut self) -> std::io::Result<()> {
         self.child.kill().await
@@ -105,7 +110,8 @@ pub fn binaries_dir() -> anyhow::Result<PathBuf> {
 
 impl Cluster {
     pub async fn start(options: &ClusterOptions) -> anyhow::Result<Self> {
-        let config = moe_model::ModelConfig::from_file(&options.model.join(moe_model::CONFIG_FILE))?;
+        let config =
+            moe_model::ModelConfig::from_file(&options.model.join(moe_model::CONFIG_FILE))?;
         let mut experts = Vec::new();
         let mut router_args = vec![
             "--model".to_owned(),
@@ -119,7 +125,12 @@ impl Cluster {
             for expert in 0..config.num_local_experts {
                 let mut command = Command::new(options.bin_dir.join("expert-svc"));
                 command
-                    .args(["--model", &path_arg(&options.model), "--listen", "127.0.0.1:0"])
+                    .args([
+                        "--model",
+                        &path_arg(&options.model),
+                        "--listen",
+                        "127.0.0.1:0",
+                    ])
                     .args(["--expert", &expert.to_string()])
                     .env("RAYON_NUM_THREADS", options.expert_threads.to_string())
                     .env("TOKIO_WORKER_THREADS", "1");
@@ -150,7 +161,11 @@ impl Cluster {
         loop {
             let status = async {
                 let mut client = HealthClient::new(moe_proto::transport::connect(&uri).await?);
-                let response = client.check(HealthCheckRequest { service: String::new() }).await?;
+                let response = client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await?;
                 anyhow::Ok(response.into_inner().status)
             }
             .await;
@@ -186,7 +201,10 @@ impl Cluster {
             expert.terminate();
         }
         for process in std::iter::once(&mut self.router).chain(self.experts.iter_mut()) {
-            if tokio::time::timeout(grace, process.child.wait()).await.is_err() {
+            if tokio::time::timeout(grace, process.child.wait())
+                .await
+                .is_err()
+            {
                 let _ = process.child.kill().await;
             }
         }
@@ -199,7 +217,11 @@ fn path_arg(path: &Path) -> String {
 
 /// Spawns `command` and waits for its `listening on ADDR` line. The child
 /// dies with its handle (`kill_on_drop`), so no test leaks processes.
-pub async fn spawn(name: String, mut command: Command, options: &ClusterOptions) -> anyhow::Result<Process> {
+pub async fn spawn(
+    name: String,
+    mut command: Command,
+    options: &ClusterOptions,
+) -> anyhow::Result<Process> {
     let timeout = options.ready_timeout;
     if std::env::var_os("RUST_LOG").is_none() {
         command.env("RUST_LOG", &options.log_filter);
@@ -215,7 +237,10 @@ pub async fn spawn(name: String, mut command: Command, options: &ClusterOptions)
     let line = tokio::time::timeout(timeout, lines.next_line())
         .await
         .with_context(|| format!("{name} did not start listening within {timeout:?}"))??;
-    let Some(addr) = line.as_deref().and_then(|l| l.rsplit_once("listening on ")).map(|(_, addr)| addr.trim().to_owned())
+    let Some(addr) = line
+        .as_deref()
+        .and_then(|l| l.rsplit_once("listening on "))
+        .map(|(_, addr)| addr.trim().to_owned())
     else {
         let status = child.wait().await?;
         bail!("{name} exited before listening ({status}); its log above says why");
@@ -223,7 +248,9 @@ pub async fn spawn(name: String, mut command: Command, options: &ClusterOptions)
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(Process {
-        addr: addr.parse().with_context(|| format!("{name} printed a bad address {addr:?}"))?,
+        addr: addr
+            .parse()
+            .with_context(|| format!("{name} printed a bad address {addr:?}"))?,
         name,
         child,
     })

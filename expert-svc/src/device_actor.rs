@@ -75,7 +75,8 @@ fn run(weights: ExpertWeights, mut jobs: mpsc::Receiver<Job>, counters: &Counter
         }
         for (layer, batch) in by_layer {
             let rows: usize = batch.iter().map(|job| job.rows.dim(0).unwrap_or(0)).sum();
-            let _span = tracing::debug_span!("expert_product", layer, rows, messages = batch.len()).entered();
+            let _span = tracing::debug_span!("expert_product", layer, rows, messages = batch.len())
+                .entered();
             counters.rows.fetch_add(rows as u64, Ordering::Relaxed);
             counters.products.fetch_add(1, Ordering::Relaxed);
             answer(&weights, layer, batch);
@@ -100,13 +101,21 @@ fn answer(weights: &ExpertWeights, layer: usize, batch: Vec<Job>) {
         Err(err) => {
             tracing::error!(layer, %err, "expert product failed");
             for job in batch {
-                let _ = job.reply.send(Err(ExpertError::Compute(candle_core::Error::Msg(err.to_string()))));
+                let _ = job
+                    .reply
+                    .send(Err(ExpertError::Compute(candle_core::Error::Msg(
+                        err.to_string(),
+                    ))));
             }
         }
     }
 }
 
-fn stacked_forward(weights: &ExpertWeights, layer: usize, batch: &[Job]) -> candle_core::Result<Vec<Tensor>> {
+fn stacked_forward(
+    weights: &ExpertWeights,
+    layer: usize,
+    batch: &[Job],
+) -> candle_core::Result<Vec<Tensor>> {
     let inputs: Vec<&Tensor> = batch.iter().map(|job| &job.rows).collect();
     let output = weights.forward(layer, &Tensor::cat(&inputs, 0)?)?;
     let mut offset = 0;

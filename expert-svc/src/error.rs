@@ -6,7 +6,11 @@ pub enum ExpertError {
     #[error("invalid hidden tensor: {0}")]
     Tensor(#[from] moe_proto::CodecError),
     #[error("layer {layer} is not served here (this process serves layers {start}..{end})")]
-    Layer { layer: u32, start: usize, end: usize },
+    Layer {
+        layer: u32,
+        start: usize,
+        end: usize,
+    },
     #[error("expert queue is full ({0} batches waiting)")]
     Overloaded(usize),
     #[error("expert is shutting down")]

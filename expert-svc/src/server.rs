@@ -16,7 +16,11 @@ pub use moe_proto::transport::shutdown_signal;
 /// Loads the expert named by `config` and serves it on `listener` until
 /// `shutdown` resolves; then stops reading new messages, answers those in
 /// flight, and returns (after `config.shutdown_grace` at the latest).
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), ExpertError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ExpertError> {
     let device = parse_device(&config.device)?;
     let checkpoint = Checkpoint::open(&config.model)?;
     let model = checkpoint.config().clone();
@@ -39,7 +43,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     };
     drop(checkpoint);
     let (draining, drain_signal) = watch::channel(false);
-    let service = ExpertService::new(DeviceHandle::spawn(weights)?, describe, device, drain_signal);
+    let service = ExpertService::new(
+        DeviceHandle::spawn(weights)?,
+        describe,
+        device,
+        drain_signal,
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ExpertServer<ExpertService>>().await;
     let (reflection_v1, reflection_v1alpha) = transport::reflection();
@@ -50,7 +59,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let stop = async move {
         shutdown.await;
         tracing::info!(?grace, "draining");
-        health.set_not_serving::<ExpertServer<ExpertService>>().await;
+        health
+            .set_not_serving::<ExpertServer<ExpertService>>()
+            .await;
         let _ = draining.send(true);
     };
     let server = transport::server_builder()

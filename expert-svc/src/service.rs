@@ -5,9 +5,9 @@ use std::sync::atomic::Ordering;
 
 use candle_core::Device;
 use futures::Stream;
+use moe_proto::tensor_codec;
 use moe_proto::v1::expert_result::Result as Answer;
 use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertBatch, ExpertResult, expert_server};
-use moe_proto::tensor_codec;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -62,7 +62,11 @@ impl ExpertService {
                 end: self.layers.end,
             });
         }
-        let (rows, dtype) = tensor_codec::decode_rows(batch.hidden.as_ref(), self.hidden_size, &self.compute_device)?;
+        let (rows, dtype) = tensor_codec::decode_rows(
+            batch.hidden.as_ref(),
+            self.hidden_size,
+            &self.compute_device,
+        )?;
         let output = self.device.forward(layer, rows).await?;
         Ok(tensor_codec::encode(&output, dtype)?)
     }
@@ -77,7 +81,10 @@ impl expert_server::Expert for ExpertService {
     /// Reads messages until the caller closes the stream or the process
     /// drains, answering each as soon as it is computed. Every message in
     /// flight is answered before the stream ends.
-    async fn forward(&self, request: Request<Streaming<ExpertBatch>>) -> Result<Response<Self::ForwardStream>, Status> {
+    async fn forward(
+        &self,
+        request: Request<Streaming<ExpertBatch>>,
+    ) -> Result<Response<Self::ForwardStream>, Status> {
         let mut inbound = request.into_inner();
         let (outbound, receiver) = mpsc::channel(OUTBOUND_CAPACITY);
         let service = self.clone();
@@ -118,7 +125,10 @@ impl expert_server::Expert for ExpertService {
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
-    async fn describe(&self, _: Request<DescribeRequest>) -> Result<Response<DescribeResponse>, Status> {
+    async fn describe(
+        &self,
+        _: Request<DescribeRequest>,
+    ) -> Result<Response<DescribeResponse>, Status> {
         let counters = self.device.counters();
         Ok(Response::new(DescribeResponse {
             rows_served: counters.rows.load(Ordering::Relaxed),

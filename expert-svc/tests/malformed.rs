@@ -19,7 +19,11 @@ fn f32_tensor(rows: usize, width: usize) -> Tensor {
     Tensor {
         dtype: DType::DtypeF32 as i32,
         shape: vec![rows as u64, width as u64],
-        data: values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
+        data: values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into(),
     }
 }
 
@@ -41,9 +45,20 @@ async fn send_then_valid(channel: Channel, message: ExpertBatch) -> (ExpertResul
         .expect("stream opens")
         .into_inner();
     sender.send(message).await.unwrap();
-    let first = answers.message().await.expect("stream alive").expect("an answer");
-    sender.send(batch(99, 1, f32_tensor(3, HIDDEN))).await.unwrap();
-    let second = answers.message().await.expect("stream still alive").expect("an answer");
+    let first = answers
+        .message()
+        .await
+        .expect("stream alive")
+        .expect("an answer");
+    sender
+        .send(batch(99, 1, f32_tensor(3, HIDDEN)))
+        .await
+        .unwrap();
+    let second = answers
+        .message()
+        .await
+        .expect("stream still alive")
+        .expect("an answer");
     (first, second)
 }
 
@@ -57,13 +72,18 @@ fn refusal(result: &ExpertResult) -> (Code, String) {
 async fn assert_refused(message: ExpertBatch, expected: &str) {
     let model = tiny_checkpoint();
     let expert = start_expert(model.path(), 2, "0..2").await;
-    let channel = moe_proto::transport::connect(&format!("http://{}", expert.addr)).await.unwrap();
+    let channel = moe_proto::transport::connect(&format!("http://{}", expert.addr))
+        .await
+        .unwrap();
     let request_id = message.request_id;
     let (first, second) = send_then_valid(channel.clone(), message).await;
     assert_eq!(first.request_id, request_id);
     let (code, text) = refusal(&first);
     assert_eq!(code, Code::InvalidArgument, "{text}");
-    assert!(text.contains(expected), "{text:?} does not mention {expected:?}");
+    assert!(
+        text.contains(expected),
+        "{text:?} does not mention {expected:?}"
+    );
 
     // The same stream answers the next message...
     assert_eq!(second.request_id, 99);
@@ -72,7 +92,11 @@ async fn assert_refused(message: ExpertBatch, expected: &str) {
         other => panic!("expected an output, got {other:?}"),
     }
     // ...and the process still serves new calls.
-    let described = ExpertClient::new(channel).describe(DescribeRequest {}).await.unwrap().into_inner();
+    let described = ExpertClient::new(channel)
+        .describe(DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(described.expert, 2);
     assert_eq!(described.rows_served, 3);
 }
@@ -91,7 +115,11 @@ async fn wrong_width() {
 
 #[tokio::test]
 async fn unknown_layer() {
-    assert_refused(batch(3, 7, f32_tensor(1, HIDDEN)), "layer 7 is not served here").await;
+    assert_refused(
+        batch(3, 7, f32_tensor(1, HIDDEN)),
+        "layer 7 is not served here",
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -76,9 +76,12 @@ impl Checkpoint {
     /// naming the first that does not. Run at start, before loading.
     pub fn verify(&self, specs: &[TensorSpec]) -> Result<(), ModelError> {
         for spec in specs {
-            let view = self.weights.get(&spec.name).map_err(|_| ModelError::MissingTensor {
-                name: spec.name.clone(),
-            })?;
+            let view = self
+                .weights
+                .get(&spec.name)
+                .map_err(|_| ModelError::MissingTensor {
+                    name: spec.name.clone(),
+                })?;
             if view.shape() != spec.shape.as_slice() {
                 return Err(ModelError::TensorShape {
                     name: spec.name.clone(),
@@ -92,9 +95,12 @@ impl Checkpoint {
 
     /// Loads one tensor as f32 on `device`. Call [`Checkpoint::verify`] first.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
-        let tensor = self.weights.load(name, device).map_err(|_| ModelError::MissingTensor {
-            name: name.to_owned(),
-        })?;
+        let tensor = self
+            .weights
+            .load(name, device)
+            .map_err(|_| ModelError::MissingTensor {
+                name: name.to_owned(),
+            })?;
         Ok(tensor.to_dtype(DType::F32)?)
     }
 
@@ -121,7 +127,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     }
     let index_path = dir.join(INDEX_FILE);
     if !index_path.is_file() {
-        return Err(ModelError::NoWeights { dir: dir.to_owned() });
+        return Err(ModelError::NoWeights {
+            dir: dir.to_owned(),
+        });
     }
     let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io {
         path: index_path.clone(),
@@ -133,8 +141,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     };
     let index: serde_json::Value =
         serde_json::from_str(&text).map_err(|err| index_error(err.to_string()))?;
-    let weight_map: HashMap<String, String> = serde_json::from_value(index["weight_map"].clone())
-        .map_err(|err| index_error(format!("weight_map: {err}")))?;
+    let weight_map: HashMap<String, String> =
+        serde_json::from_value(index["weight_map"].clone())
+            .map_err(|err| index_error(format!("weight_map: {err}")))?;
     let shards: BTreeSet<&String> = weight_map.values().collect();
     shards
         .into_iter()
@@ -163,4 +172,68 @@ fn fingerprint(config: &ModelConfig, weights: &MmapedSafetensors) -> Result<Stri
     }
     let digest = hasher.finalize();
     Ok(digest.iter().take(12).map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::synth::{Preset, write_checkpoint};
+
+    /// Rewrites a checkpoint's weights through `edit`.
+    fn edit_weights(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+        let path = dir.join(SINGLE_FILE);
+        let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        edit(&mut tensors);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+    }
+
+    #[test]
+    fn a_missing_tensor_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_checkpoint(dir.path(), Preset::Tiny, 0).unwrap();
+        let victim = layout::expert(2, 9, "w3");
+        edit_weights(dir.path(), |tensors| {
+            tensors.remove(&victim);
+        });
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        checkpoint.verify(&layout::shared_tensors(&config)).unwrap();
+        let err = checkpoint
+            .verify(&layout::expert_tensors(&config, 9, 0..4))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("checkpoint is missing tensor {victim}")
+        );
+    }
+
+    #[test]
+    fn a_shape_that_disagrees_with_the_config_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_checkpoint(dir.path(), Preset::Tiny, 0).unwrap();
+        let victim = layout::attention(1, "k_proj");
+        edit_weights(dir.path(), |tensors| {
+            tensors.insert(
+                victim.clone(),
+                Tensor::zeros((32, 64), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            );
+        });
+        let err = Checkpoint::open(dir.path())
+            .unwrap()
+            .verify(&layout::shared_tensors(&config))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("tensor {victim} has shape [32, 64], but config.json implies [16, 64]")
+        );
+    }
+
+    #[test]
+    fn a_directory_without_weights_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::synth::write_config(dir.path(), &Preset::Tiny.config(100)).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("has no model.safetensors"), "{err}");
+    }
 }

@@ -81,7 +81,9 @@ impl ModelConfig {
             source,
         })?;
         Self::from_json(&text).map_err(|err| match err {
-            ModelError::Config(message) => ModelError::Config(format!("{}: {message}", path.display())),
+            ModelError::Config(message) => {
+                ModelError::Config(format!("{}: {message}", path.display()))
+            }
             other => other,
         })
     }
@@ -96,7 +98,13 @@ impl ModelConfig {
                     params.rope_type.as_deref().unwrap_or_default()
                 )));
             }
-            (Some(RopeParameters { rope_theta: Some(theta), .. }), _) => *theta,
+            (
+                Some(RopeParameters {
+                    rope_theta: Some(theta),
+                    ..
+                }),
+                _,
+            ) => *theta,
             (_, Some(theta)) => theta,
             _ => DEFAULT_ROPE_THETA,
         };
@@ -125,7 +133,10 @@ impl ModelConfig {
                 Some(OneOrMany::One(id)) => vec![id],
                 Some(OneOrMany::Many(ids)) => ids,
             },
-            dtype: raw.dtype.or(raw.torch_dtype).unwrap_or_else(|| "float32".into()),
+            dtype: raw
+                .dtype
+                .or(raw.torch_dtype)
+                .unwrap_or_else(|| "float32".into()),
         };
         config.validate()?;
         Ok(config)
@@ -148,14 +159,20 @@ impl ModelConfig {
                 return fail(format!("{name} must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return fail(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return fail(format!("head_dim ({}) must be even and positive for rotary embeddings", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return fail(format!(
+                "head_dim ({}) must be even and positive for rotary embeddings",
+                self.head_dim
+            ));
         }
         if self.num_experts_per_tok > self.num_local_experts {
             return fail(format!(
@@ -234,7 +251,10 @@ mod tests {
     #[test]
     fn reads_transformers_5_spelling() {
         let v5 = V4
-            .replace(r#""rope_theta": 10000.0"#, r#""rope_parameters": {"rope_theta": 500.0, "rope_type": "default"}"#)
+            .replace(
+                r#""rope_theta": 10000.0"#,
+                r#""rope_parameters": {"rope_theta": 500.0, "rope_type": "default"}"#,
+            )
             .replace(r#""torch_dtype""#, r#""dtype""#)
             .replace(r#""eos_token_id": 2"#, r#""eos_token_id": [2, 5]"#);
         let config = ModelConfig::from_json(&v5).unwrap();
@@ -247,7 +267,10 @@ mod tests {
         let bad = V4.replace(r#""num_key_value_heads": 1"#, r#""num_key_value_heads": 3"#);
         let err = ModelConfig::from_json(&bad).unwrap_err().to_string();
         assert!(err.contains("num_key_value_heads (3)"), "{err}");
-        let bad = V4.replace(r#""num_experts_per_tok": 2"#, r#""num_experts_per_tok": 17"#);
+        let bad = V4.replace(
+            r#""num_experts_per_tok": 2"#,
+            r#""num_experts_per_tok": 17"#,
+        );
         let err = ModelConfig::from_json(&bad).unwrap_err().to_string();
         assert!(err.contains("num_experts_per_tok (17)"), "{err}");
     }

@@ -55,7 +55,10 @@ pub fn gate(layer: usize) -> String {
 
 /// `matrix` is one of `w1` (gate projection), `w2` (down), `w3` (up).
 pub fn expert(layer: usize, expert: usize, matrix: &str) -> String {
-    format!("{}.block_sparse_moe.experts.{expert}.{matrix}.weight", layer_prefix(layer))
+    format!(
+        "{}.block_sparse_moe.experts.{expert}.{matrix}.weight",
+        layer_prefix(layer)
+    )
 }
 
 /// Everything the router's process reads: embeddings, attention, norms, the
@@ -82,7 +85,11 @@ pub fn shared_tensors(config: &ModelConfig) -> Vec<TensorSpec> {
 }
 
 /// One expert's SwiGLU matrices for `layers`.
-pub fn expert_tensors(config: &ModelConfig, expert_id: usize, layers: Range<usize>) -> Vec<TensorSpec> {
+pub fn expert_tensors(
+    config: &ModelConfig,
+    expert_id: usize,
+    layers: Range<usize>,
+) -> Vec<TensorSpec> {
     let (hidden, ffn) = (config.hidden_size, config.intermediate_size);
     layers
         .flat_map(|layer| {

@@ -15,7 +15,9 @@ use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer};
+use tokenizers::{
+    AddedToken, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
+};
 
 use crate::{CONFIG_FILE, ModelConfig, ModelError, SINGLE_FILE, TOKENIZER_FILE, layout};
 
@@ -119,14 +121,23 @@ pub fn write_config(dir: &Path, config: &ModelConfig) -> Result<(), ModelError> 
 pub fn write_weights(dir: &Path, config: &ModelConfig, seed: u64) -> Result<(), ModelError> {
     let mut specs = layout::shared_tensors(config);
     for expert in 0..config.num_local_experts {
-        specs.extend(layout::expert_tensors(config, expert, 0..config.num_hidden_layers));
+        specs.extend(layout::expert_tensors(
+            config,
+            expert,
+            0..config.num_hidden_layers,
+        ));
     }
     let mut tensors = HashMap::new();
     for spec in specs {
         let tensor = if spec.shape.len() == 1 {
             Tensor::ones(spec.shape.as_slice(), candle_core::DType::F32, &Device::Cpu)?
         } else {
-            random_matrix(&spec.name, &spec.shape, init_scale(&spec.name, config), seed)?
+            random_matrix(
+                &spec.name,
+                &spec.shape,
+                init_scale(&spec.name, config),
+                seed,
+            )?
         };
         tensors.insert(spec.name, tensor);
     }
@@ -157,18 +168,24 @@ fn init_scale(name: &str, config: &ModelConfig) -> f32 {
 /// Uniform values of standard deviation `std`, from a stream seeded by the
 /// tensor's name, so each tensor is the same whatever else the preset holds.
 fn random_matrix(name: &str, shape: &[usize], std: f32, seed: u64) -> Result<Tensor, ModelError> {
-    let digest = Sha256::new().chain_update(seed.to_le_bytes()).chain_update(name).finalize();
+    let digest = Sha256::new()
+        .chain_update(seed.to_le_bytes())
+        .chain_update(name)
+        .finalize();
     let mut rng = ChaCha8Rng::from_seed(digest.into());
     let bound = std * 3f32.sqrt();
     let count = shape.iter().product();
-    let values: Vec<f32> = (0..count).map(|_| rng.random_range(-bound..bound)).collect();
+    let values: Vec<f32> = (0..count)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
     Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
 }
 
 /// GPT-2's reversible map from bytes to printable characters, which is what
 /// a ByteLevel pre-tokenizer produces and a ByteLevel decoder undoes.
 fn byte_to_char() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256;
     (0u32..256)
         .map(|b| {
@@ -191,7 +208,11 @@ pub fn train_tokenizer(merges: usize) -> Result<Tokenizer, ModelError> {
     vocab.extend(byte_to_char().into_iter().map(String::from));
     let learnt = learn_merges(words, merges);
     vocab.extend(learnt.iter().map(|(a, b)| format!("{a}{b}")));
-    let ids: Vocab = vocab.iter().enumerate().map(|(id, token)| (token.clone(), id as u32)).collect();
+    let ids: Vocab = vocab
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.clone(), id as u32))
+        .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(ids, learnt)
         .build()
@@ -200,10 +221,7 @@ pub fn train_tokenizer(merges: usize) -> Result<Tokenizer, ModelError> {
     tokenizer
         .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
         .with_decoder(Some(ByteLevel::default()));
-    tokenizer.add_special_tokens(&[
-        AddedToken::from(BOS, true),
-        AddedToken::from(EOS, true),
-    ]);
+    tokenizer.add_special_tokens(&[AddedToken::from(BOS, true), AddedToken::from(EOS, true)]);
     Ok(tokenizer)
 }
 
@@ -232,10 +250,17 @@ fn learn_merges(words: BTreeMap<Vec<String>, usize>, merges: usize) -> Vec<(Stri
             }
         }
         // Highest count wins; among equals, the first pair in text order.
-        let Some(((a, b), _)) = counts.into_iter().fold(None, |best: Option<((&str, &str), usize)>, (pair, n)| match best {
-            Some((_, m)) if m >= n => best,
-            _ => Some((pair, n)),
-        }) else {
+        let Some(((a, b), _)) =
+            counts
+                .into_iter()
+                .fold(
+                    None,
+                    |best: Option<((&str, &str), usize)>, (pair, n)| match best {
+                        Some((_, m)) if m >= n => best,
+                        _ => Some((pair, n)),
+                    },
+                )
+        else {
             break;
         };
         let (a, b) = (a.to_owned(), b.to_owned());
@@ -277,16 +302,23 @@ mod tests {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         write_checkpoint(a.path(), Preset::Tiny, 7).unwrap();
         write_checkpoint(b.path(), Preset::Tiny, 7).unwrap();
-        let (ca, cb) = (Checkpoint::open(a.path()).unwrap(), Checkpoint::open(b.path()).unwrap());
+        let (ca, cb) = (
+            Checkpoint::open(a.path()).unwrap(),
+            Checkpoint::open(b.path()).unwrap(),
+        );
         assert_eq!(ca.config().num_local_experts, 16);
         assert_eq!(ca.config().num_experts_per_tok, 2);
         assert_eq!(ca.config().num_key_value_heads, 1);
         assert_eq!(ca.fingerprint(), cb.fingerprint());
         ca.verify(&layout::shared_tensors(ca.config())).unwrap();
-        ca.verify(&layout::expert_tensors(ca.config(), 15, 0..4)).unwrap();
+        ca.verify(&layout::expert_tensors(ca.config(), 15, 0..4))
+            .unwrap();
 
         let c = tempfile::tempdir().unwrap();
         write_checkpoint(c.path(), Preset::Tiny, 8).unwrap();
-        assert_ne!(Checkpoint::open(c.path()).unwrap().fingerprint(), ca.fingerprint());
+        assert_ne!(
+            Checkpoint::open(c.path()).unwrap().fingerprint(),
+            ca.fingerprint()
+        );
     }
 }

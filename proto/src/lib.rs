@@ -16,7 +16,8 @@ pub mod v1 {
 }
 
 /// The encoded descriptor set of every moe.v1 file, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/moe_descriptor.bin"));
 
 /// Largest message either side of a moe-serve hop accepts or sends.
 ///

@@ -87,7 +87,9 @@ impl std::str::FromStr for WireDType {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::BF16),
             "f16" => Ok(Self::F16),
-            other => Err(format!("unknown wire dtype {other:?}: expected f32, bf16 or f16")),
+            other => Err(format!(
+                "unknown wire dtype {other:?}: expected f32, bf16 or f16"
+            )),
         }
     }
 }
@@ -173,7 +175,10 @@ mod tests {
         assert_eq!(message.data.len(), 3 * 8 * 4);
         let (back, dtype) = decode_rows(Some(&message), 8, &Device::Cpu).unwrap();
         assert_eq!(dtype, WireDType::F32);
-        assert_eq!(back.to_vec2::<f32>().unwrap(), tensor.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            back.to_vec2::<f32>().unwrap(),
+            tensor.to_vec2::<f32>().unwrap()
+        );
     }
 
     #[test]
@@ -205,7 +210,10 @@ mod tests {
 
         let mut flat = message.clone();
         flat.shape = vec![8];
-        assert!(matches!(decode_rows(Some(&flat), 4, &Device::Cpu), Err(CodecError::Shape { .. })));
+        assert!(matches!(
+            decode_rows(Some(&flat), 4, &Device::Cpu),
+            Err(CodecError::Shape { .. })
+        ));
 
         let mut unknown = message.clone();
         unknown.dtype = 42;
@@ -214,6 +222,9 @@ mod tests {
 
         let mut huge = message;
         huge.shape = vec![u64::MAX, 4];
-        assert!(matches!(decode_rows(Some(&huge), 4, &Device::Cpu), Err(CodecError::ByteLength { .. })));
+        assert!(matches!(
+            decode_rows(Some(&huge), 4, &Device::Cpu),
+            Err(CodecError::ByteLength { .. })
+        ));
     }
 }

@@ -45,8 +45,12 @@ pub async fn connect(uri: &str) -> Result<Channel, tonic::transport::Error> {
 /// gRPC server reflection for the moe.v1 services, in both protocol
 /// versions: grpcurl and Python's grpcio still speak only v1alpha.
 pub fn reflection() -> (
-    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
 ) {
     let builder = || {
         tonic_reflection::server::Builder::configure()
@@ -54,8 +58,12 @@ pub fn reflection() -> (
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     (
-        builder().build_v1().expect("the moe.v1 descriptors are valid"),
-        builder().build_v1alpha().expect("the moe.v1 descriptors are valid"),
+        builder()
+            .build_v1()
+            .expect("the moe.v1 descriptors are valid"),
+        builder()
+            .build_v1alpha()
+            .expect("the moe.v1 descriptors are valid"),
     )
 }
 
@@ -64,7 +72,9 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
             Ok(term) => term,
             Err(err) => {
                 tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops this process");

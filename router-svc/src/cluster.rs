@@ -50,11 +50,23 @@ pub fn parse_flag(flag: &str) -> Result<ExpertEndpoint, RouterError> {
         Some((expert, layers)) => (expert, Some(layers)),
         None => (target, None),
     };
-    endpoint(expert.trim().parse().map_err(|_| invalid(format!("--expert {flag:?}: {expert:?} is not an expert number")))?, uri, layers)
+    endpoint(
+        expert.trim().parse().map_err(|_| {
+            invalid(format!(
+                "--expert {flag:?}: {expert:?} is not an expert number"
+            ))
+        })?,
+        uri,
+        layers,
+    )
 }
 
 fn endpoint(expert: usize, uri: &str, layers: Option<&str>) -> Result<ExpertEndpoint, RouterError> {
-    let uri = if uri.contains("://") { uri.to_owned() } else { format!("http://{uri}") };
+    let uri = if uri.contains("://") {
+        uri.to_owned()
+    } else {
+        format!("http://{uri}")
+    };
     Ok(ExpertEndpoint {
         expert,
         layers: layers.map(expert_svc_layers).transpose()?,
@@ -69,13 +81,16 @@ fn expert_svc_layers(text: &str) -> Result<Range<usize>, RouterError> {
 /// Reads a cluster file.
 pub fn read_file(path: &Path) -> Result<Vec<ExpertEndpoint>, RouterError> {
     let text = std::fs::read_to_string(path)?;
-    let file: ClusterFile =
-        serde_json::from_str(&text).map_err(|err| invalid(format!("cluster file {}: {err}", path.display())))?;
+    let file: ClusterFile = serde_json::from_str(&text)
+        .map_err(|err| invalid(format!("cluster file {}: {err}", path.display())))?;
     file.experts
         .iter()
         .map(|entry| endpoint(entry.expert, &entry.endpoint, entry.layers.as_deref()))
         .collect()
 }
+
+/// Per expert, its endpoints and the layers each serves.
+pub type ExpertLayout = Vec<Vec<(Range<usize>, ExpertEndpoint)>>;
 
 /// Groups endpoints per expert with their layer ranges, after checking that
 /// every expert of the model has an endpoint for every layer.
@@ -83,8 +98,8 @@ pub fn layout(
     endpoints: &[ExpertEndpoint],
     num_experts: usize,
     num_layers: usize,
-) -> Result<Vec<Vec<(Range<usize>, ExpertEndpoint)>>, RouterError> {
-    let mut per_expert: Vec<Vec<(Range<usize>, ExpertEndpoint)>> = vec![Vec::new(); num_experts];
+) -> Result<ExpertLayout, RouterError> {
+    let mut per_expert: ExpertLayout = vec![Vec::new(); num_experts];
     for endpoint in endpoints {
         let layers = endpoint.layers.clone().unwrap_or(0..num_layers);
         if endpoint.expert >= num_experts || layers.end > num_layers {
@@ -96,8 +111,12 @@ pub fn layout(
         per_expert[endpoint.expert].push((layers, endpoint.clone()));
     }
     for (expert, served) in per_expert.iter().enumerate() {
-        if let Some(layer) = (0..num_layers).find(|l| !served.iter().any(|(range, _)| range.contains(l))) {
-            return Err(invalid(format!("no endpoint serves expert {expert} at layer {layer}")));
+        if let Some(layer) =
+            (0..num_layers).find(|l| !served.iter().any(|(range, _)| range.contains(l)))
+        {
+            return Err(invalid(format!(
+                "no endpoint serves expert {expert} at layer {layer}"
+            )));
         }
     }
     Ok(per_expert)
@@ -110,7 +129,10 @@ mod tests {
     #[test]
     fn parses_flags() {
         let e = parse_flag("3=127.0.0.1:5000").unwrap();
-        assert_eq!((e.expert, e.layers, e.uri.as_str()), (3, None, "http://127.0.0.1:5000"));
+        assert_eq!(
+            (e.expert, e.layers, e.uri.as_str()),
+            (3, None, "http://127.0.0.1:5000")
+        );
         let e = parse_flag("1@0..2=http://h:1").unwrap();
         assert_eq!(e.layers, Some(0..2));
         assert!(parse_flag("x=h:1").is_err());

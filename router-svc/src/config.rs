@@ -78,7 +78,9 @@ impl TryFrom<Args> for Config {
     type Error = RouterError;
 
     fn try_from(args: Args) -> Result<Self, RouterError> {
-        let sources = usize::from(args.local_experts) + usize::from(!args.experts.is_empty()) + usize::from(args.cluster.is_some());
+        let sources = usize::from(args.local_experts)
+            + usize::from(!args.experts.is_empty())
+            + usize::from(args.cluster.is_some());
         if sources != 1 {
             return Err(RouterError::InvalidArgument(
                 "say where the experts are with exactly one of --local-experts, --expert or --cluster".into(),
@@ -89,7 +91,12 @@ impl TryFrom<Args> for Config {
         } else if let Some(path) = &args.cluster {
             ExpertPlacement::Remote(cluster::read_file(path)?)
         } else {
-            ExpertPlacement::Remote(args.experts.iter().map(|flag| cluster::parse_flag(flag)).collect::<Result<_, _>>()?)
+            ExpertPlacement::Remote(
+                args.experts
+                    .iter()
+                    .map(|flag| cluster::parse_flag(flag))
+                    .collect::<Result<_, _>>()?,
+            )
         };
         for (name, value) in [
             ("--max-batch-tokens", args.max_batch_tokens),
@@ -97,7 +104,9 @@ impl TryFrom<Args> for Config {
             ("--queue-capacity", args.queue_capacity),
         ] {
             if value == 0 {
-                return Err(RouterError::InvalidArgument(format!("{name} must be positive")));
+                return Err(RouterError::InvalidArgument(format!(
+                    "{name} must be positive"
+                )));
             }
         }
         Ok(Self {

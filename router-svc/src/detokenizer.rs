@@ -34,7 +34,10 @@ impl IncrementalDecoder {
         let decode = |tokens: &[u32]| tokenizer.decode(tokens, false).unwrap_or_default();
         let prefix = decode(&self.tokens[self.prefix_offset..self.read_offset]);
         let text = decode(&self.tokens[self.prefix_offset..]);
-        if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') && text.is_char_boundary(prefix.len()) {
+        if text.len() > prefix.len()
+            && !text.ends_with('\u{FFFD}')
+            && text.is_char_boundary(prefix.len())
+        {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.tokens.len();
             text[prefix.len()..].to_owned()
@@ -69,7 +72,11 @@ impl StopMatcher {
         let hit = self
             .stops
             .iter()
-            .filter_map(|stop| self.text[search_from..].find(stop.as_str()).map(|at| search_from + at))
+            .filter_map(|stop| {
+                self.text[search_from..]
+                    .find(stop.as_str())
+                    .map(|at| search_from + at)
+            })
             .min();
         if let Some(at) = hit {
             let out = self.text[self.emitted..at].to_owned();
@@ -100,7 +107,11 @@ impl StopMatcher {
 fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     (1..stop.len().min(text.len() + 1))
         .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop.is_char_boundary(n)
+                && text.ends_with(&stop[..n])
+        })
         .unwrap_or(0)
 }
 

@@ -40,12 +40,17 @@ impl RouterError {
         match self {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::NotReady(_) | Self::ShuttingDown | Self::ExpertUnavailable(_) => Code::Unavailable,
+            Self::NotReady(_) | Self::ShuttingDown | Self::ExpertUnavailable(_) => {
+                Code::Unavailable
+            }
             Self::Overloaded(_) => Code::ResourceExhausted,
             Self::ExpertTimeout(_) => Code::DeadlineExceeded,
-            Self::Internal(_) | Self::Model(_) | Self::Attention(_) | Self::Candle(_) | Self::Io(_) | Self::Transport(_) => {
-                Code::Internal
-            }
+            Self::Internal(_)
+            | Self::Model(_)
+            | Self::Attention(_)
+            | Self::Candle(_)
+            | Self::Io(_)
+            | Self::Transport(_) => Code::Internal,
         }
     }
 

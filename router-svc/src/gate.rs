@@ -69,7 +69,11 @@ pub fn top_k_softmax(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
     let chosen = &order[..k.min(order.len())];
     let probs: Vec<f32> = chosen.iter().map(|&e| exps[e] / total).collect();
     let kept: f32 = probs.iter().sum();
-    chosen.iter().zip(probs).map(|(&e, p)| (e, p / kept)).collect()
+    chosen
+        .iter()
+        .zip(probs)
+        .map(|(&e, p)| (e, p / kept))
+        .collect()
 }
 
 #[cfg(test)]
@@ -96,7 +100,9 @@ mod tests {
     fn routes_rows_to_experts_in_expert_order() {
         let gate = Gate {
             // Expert 0 likes the first feature, expert 1 the second, expert 2 neither.
-            weights: vec![Tensor::new(&[[4f32, 0.0], [0.0, 4.0], [0.0, 0.0]], &Device::Cpu).unwrap()],
+            weights: vec![
+                Tensor::new(&[[4f32, 0.0], [0.0, 4.0], [0.0, 0.0]], &Device::Cpu).unwrap(),
+            ],
             top_k: 1,
         };
         let hidden = Tensor::new(&[[0f32, 1.0], [1.0, 0.0], [0.0, 2.0]], &Device::Cpu).unwrap();

@@ -20,5 +20,5 @@ mod service;
 
 pub use config::{Args, Config, ExpertPlacement};
 pub use error::RouterError;
-pub use server::run;
 pub use moe_proto::transport::shutdown_signal;
+pub use server::run;

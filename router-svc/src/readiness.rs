@@ -32,8 +32,14 @@ pub async fn wait_for_experts(
 ) {
     let mut last_problem = String::new();
     loop {
-        let checks = endpoints.iter().map(|(expert, layers, client)| check(*expert, layers, client, &expected));
-        let problems: Vec<String> = join_all(checks).await.into_iter().filter_map(Result::err).collect();
+        let checks = endpoints
+            .iter()
+            .map(|(expert, layers, client)| check(*expert, layers, client, &expected));
+        let problems: Vec<String> = join_all(checks)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
         if problems.is_empty() {
             tracing::info!(endpoints = endpoints.len(), "every expert answered; ready");
             let _ = state.send(Ok(()));
@@ -75,7 +81,9 @@ async fn check(
         || described.intermediate_size as usize != config.intermediate_size
         || described.num_experts as usize != config.num_local_experts
     {
-        return Err(format!("{label} reports a model shape that differs from the router's"));
+        return Err(format!(
+            "{label} reports a model shape that differs from the router's"
+        ));
     }
     Ok(())
 }

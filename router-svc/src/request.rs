@@ -36,10 +36,14 @@ pub fn validate(
     let prompt = match request.prompt {
         Some(Prompt::Text(text)) => {
             if text.is_empty() {
-                return Err(invalid("prompt is empty: text must hold at least one character".into()));
+                return Err(invalid(
+                    "prompt is empty: text must hold at least one character".into(),
+                ));
             }
             let tokenizer = tokenizer.ok_or_else(|| {
-                RouterError::FailedPrecondition("this checkpoint has no tokenizer.json: send token_ids instead of text".into())
+                RouterError::FailedPrecondition(
+                    "this checkpoint has no tokenizer.json: send token_ids instead of text".into(),
+                )
             })?;
             let encoding = tokenizer
                 .encode(text.as_str(), false)
@@ -52,7 +56,11 @@ pub fn validate(
     if prompt.is_empty() {
         return Err(invalid("prompt is empty: it holds no tokens".into()));
     }
-    if let Some((index, id)) = prompt.iter().enumerate().find(|(_, id)| **id as usize >= config.vocab_size) {
+    if let Some((index, id)) = prompt
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= config.vocab_size)
+    {
         return Err(invalid(format!(
             "token_ids[{index}] = {id} is outside the vocabulary (vocab_size {})",
             config.vocab_size
@@ -73,17 +81,24 @@ pub fn validate(
     }
     let temperature = request.temperature.unwrap_or(1.0);
     if !(temperature >= 0.0 && temperature.is_finite()) {
-        return Err(invalid(format!("temperature must be >= 0, got {temperature}")));
+        return Err(invalid(format!(
+            "temperature must be >= 0, got {temperature}"
+        )));
     }
     let top_p = request.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(invalid(format!("top_p must be in (0, 1], got {top_p}")));
     }
     if request.top_k < 0 {
-        return Err(invalid(format!("top_k must be >= 0, got {}", request.top_k)));
+        return Err(invalid(format!(
+            "top_k must be >= 0, got {}",
+            request.top_k
+        )));
     }
     if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(String::is_empty) {
-        return Err(invalid(format!("stop must hold at most {MAX_STOP_STRINGS} non-empty strings")));
+        return Err(invalid(format!(
+            "stop must hold at most {MAX_STOP_STRINGS} non-empty strings"
+        )));
     }
     Ok(ValidRequest {
         prompt,

@@ -42,7 +42,11 @@ impl Sampler {
 
     fn draw(&mut self, logits: &[f32]) -> usize {
         let temperature = self.params.temperature as f64;
-        let mut candidates: Vec<(usize, f64)> = logits.iter().map(|&l| l as f64 / temperature).enumerate().collect();
+        let mut candidates: Vec<(usize, f64)> = logits
+            .iter()
+            .map(|&l| l as f64 / temperature)
+            .enumerate()
+            .collect();
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
             candidates.truncate(self.params.top_k);
@@ -117,15 +121,25 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let draw = |p: SamplingParams| {
             let mut sampler = Sampler::new(p);
-            (0..200).map(|_| sampler.sample(&logits).0).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| sampler.sample(&logits).0)
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(params(1.0, 1.0, 0, 9)), draw(params(1.0, 1.0, 0, 9)));
         assert_ne!(draw(params(1.0, 1.0, 0, 9)), draw(params(1.0, 1.0, 0, 10)));
         let mut order: Vec<usize> = (0..50).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let top3: Vec<u32> = order[..3].iter().map(|&i| i as u32).collect();
-        assert!(draw(params(2.0, 1.0, 3, 1)).iter().all(|t| top3.contains(t)));
+        assert!(
+            draw(params(2.0, 1.0, 3, 1))
+                .iter()
+                .all(|t| top3.contains(t))
+        );
         // A tiny nucleus is the single most likely token.
-        assert!(draw(params(1.0, 1e-6, 0, 1)).iter().all(|&t| t == order[0] as u32));
+        assert!(
+            draw(params(1.0, 1e-6, 0, 1))
+                .iter()
+                .all(|&t| t == order[0] as u32)
+        );
     }
 }

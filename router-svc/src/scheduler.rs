@@ -72,9 +72,10 @@ impl SchedulerHandle {
     /// Queues `request`, or refuses it out loud when the queue is full.
     pub fn submit(&self, request: GenerationRequest) -> Result<(), RouterError> {
         self.submissions.try_send(request).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => {
-                RouterError::Overloaded(format!("{} requests already waiting; retry later", self.capacity))
-            }
+            mpsc::error::TrySendError::Full(_) => RouterError::Overloaded(format!(
+                "{} requests already waiting; retry later",
+                self.capacity
+            )),
             mpsc::error::TrySendError::Closed(_) => RouterError::ShuttingDown,
         })
     }
@@ -95,8 +96,13 @@ where
     let capacity = config.queue_capacity;
     std::thread::Builder::new()
         .name("scheduler".into())
-        .spawn(move || runtime.block_on(Scheduler::new(engine, config).run(receiver, moe.as_ref())))?;
-    Ok(SchedulerHandle { submissions, capacity })
+        .spawn(move || {
+            runtime.block_on(Scheduler::new(engine, config).run(receiver, moe.as_ref()))
+        })?;
+    Ok(SchedulerHandle {
+        submissions,
+        capacity,
+    })
 }
 
 struct Sequence {
@@ -147,7 +153,11 @@ impl Scheduler {
         }
     }
 
-    async fn run<M: MoeLayer<Error = RouterError>>(mut self, mut submissions: mpsc::Receiver<GenerationRequest>, moe: &M) {
+    async fn run<M: MoeLayer<Error = RouterError>>(
+        mut self,
+        mut submissions: mpsc::Receiver<GenerationRequest>,
+        moe: &M,
+    ) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match submissions.recv().await {
@@ -172,10 +182,13 @@ impl Scheduler {
 
     /// Drops cancelled requests and moves waiting ones into the running set.
     fn admit(&mut self) {
-        self.running.retain(|sequence| !sequence.request.events.is_closed());
+        self.running
+            .retain(|sequence| !sequence.request.events.is_closed());
         self.waiting.retain(|request| !request.events.is_closed());
         while self.running.len() < self.config.max_running {
-            let Some(request) = self.waiting.pop_front() else { break };
+            let Some(request) = self.waiting.pop_front() else {
+                break;
+            };
             self.running.push(Sequence {
                 request,
                 cache: self.engine.new_cache(),
@@ -217,13 +230,18 @@ impl Scheduler {
         plan
     }
 
-    async fn step<M: MoeLayer<Error = RouterError>>(&mut self, plan: Vec<(usize, Vec<u32>)>, moe: &M) {
+    async fn step<M: MoeLayer<Error = RouterError>>(
+        &mut self,
+        plan: Vec<(usize, Vec<u32>)>,
+        moe: &M,
+    ) {
         let rows: usize = plan.iter().map(|(_, tokens)| tokens.len()).sum();
         let _span = tracing::debug_span!("step", sequences = plan.len(), rows).entered();
         let mut planned = plan.iter().peekable();
         let mut chunks = Vec::with_capacity(plan.len());
         for (index, sequence) in self.running.iter_mut().enumerate() {
-            if let Some((_, tokens)) = planned.next_if(|(planned_index, _)| *planned_index == index) {
+            if let Some((_, tokens)) = planned.next_if(|(planned_index, _)| *planned_index == index)
+            {
                 chunks.push(SequenceChunk {
                     cache: &mut sequence.cache,
                     tokens,
@@ -232,7 +250,10 @@ impl Scheduler {
         }
         let result = self.engine.step(&mut chunks, moe).await;
         drop(chunks);
-        let logits = match result.map_err(RouterError::from).and_then(|l| Ok(l.to_vec2::<f32>()?)) {
+        let logits = match result
+            .map_err(RouterError::from)
+            .and_then(|l| Ok(l.to_vec2::<f32>()?))
+        {
             Ok(logits) => logits,
             Err(err) => {
                 tracing::warn!(%err, sequences = plan.len(), "step failed; ending its sequences");

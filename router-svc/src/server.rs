@@ -14,7 +14,9 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{Config, ExpertPlacement};
-use crate::dispatch::{EndpointClient, LocalExperts, MoeDispatcher, RemoteExperts, remote::DispatchSettings};
+use crate::dispatch::{
+    EndpointClient, LocalExperts, MoeDispatcher, RemoteExperts, remote::DispatchSettings,
+};
 use crate::gate::Gate;
 use crate::readiness::{self, Expected, Readiness};
 use crate::scheduler::{self, SchedulerHandle};
@@ -24,7 +26,11 @@ use crate::{RouterError, cluster};
 /// Loads the model, starts the scheduler and serves the public API on
 /// `listener` until `shutdown` resolves; then refuses new requests, lets
 /// running ones finish, and returns (after `config.shutdown_grace` at most).
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), RouterError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RouterError> {
     let device = parse_device(&config.device)?;
     let checkpoint = Checkpoint::open(&config.model)?;
     let engine = Arc::new(Engine::load(&checkpoint, &device)?);
@@ -39,10 +45,20 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         },
     });
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_not_serving::<InferenceServer<InferenceService>>().await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<InferenceServer<InferenceService>>()
+        .await;
 
-    let (scheduler, readiness) = start(&config, &checkpoint, engine, gate, tokio::runtime::Handle::current())?;
+    let (scheduler, readiness) = start(
+        &config,
+        &checkpoint,
+        engine,
+        gate,
+        tokio::runtime::Handle::current(),
+    )?;
     drop(checkpoint);
     tokio::spawn(report_health(readiness.clone(), health.clone()));
 
@@ -53,8 +69,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
     let stop = async move {
         shutdown.await;
         tracing::info!("draining: refusing new requests, finishing running ones");
-        health.set_service_status("", ServingStatus::NotServing).await;
-        health.set_not_serving::<InferenceServer<InferenceService>>().await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_not_serving::<InferenceServer<InferenceService>>()
+            .await;
         let _ = draining.send(true);
     };
     let server = transport::server_builder()
@@ -107,7 +127,11 @@ fn start(
                 }
                 clients.push(per_expert);
             }
-            let moe = Arc::new(MoeDispatcher::new(gate, RemoteExperts::new(clients), num_experts));
+            let moe = Arc::new(MoeDispatcher::new(
+                gate,
+                RemoteExperts::new(clients),
+                num_experts,
+            ));
             let scheduler = scheduler::spawn(engine, moe, config.scheduler.clone(), runtime)?;
             let (state, readiness) = readiness::not_ready("no expert has answered yet");
             let (model, fingerprint) = (model.clone(), checkpoint.fingerprint().to_owned());
@@ -129,15 +153,20 @@ fn load_tokenizer(checkpoint: &Checkpoint) -> Result<Option<Tokenizer>, RouterEr
         tracing::warn!(path = %path.display(), "no tokenizer.json: only token-id prompts are accepted");
         return Ok(None);
     }
-    Tokenizer::from_file(&path)
-        .map(Some)
-        .map_err(|err| RouterError::Model(moe_model::ModelError::Tokenizer(format!("{}: {err}", path.display()))))
+    Tokenizer::from_file(&path).map(Some).map_err(|err| {
+        RouterError::Model(moe_model::ModelError::Tokenizer(format!(
+            "{}: {err}",
+            path.display()
+        )))
+    })
 }
 
 /// Marks the service SERVING once ready, for Kubernetes readiness probes.
 async fn report_health(mut readiness: Readiness, health: HealthReporter) {
     if readiness.wait_for(Result::is_ok).await.is_ok() {
         health.set_service_status("", ServingStatus::Serving).await;
-        health.set_serving::<InferenceServer<InferenceService>>().await;
+        health
+            .set_serving::<InferenceServer<InferenceService>>()
+            .await;
     }
 }

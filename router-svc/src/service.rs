@@ -6,19 +6,20 @@ use std::sync::Arc;
 use futures::Stream;
 use moe_model::ModelConfig;
 use moe_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse, Usage, inference_server,
+    FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse, Usage,
+    inference_server,
 };
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::RouterError;
 use crate::detokenizer::{IncrementalDecoder, StopMatcher};
 use crate::readiness::Readiness;
 use crate::request::{ValidRequest, validate};
 use crate::sampling::Sampler;
 use crate::scheduler::{Finish, GenerationRequest, SchedulerHandle, SequenceEvent};
-use crate::RouterError;
 
 /// Events a sequence may have waiting for its relay task.
 const EVENTS_CAPACITY: usize = 32;
@@ -57,7 +58,10 @@ impl InferenceService {
         }
     }
 
-    fn admit(&self, request: GenerateRequest) -> Result<(ValidRequest, mpsc::Receiver<SequenceEvent>), RouterError> {
+    fn admit(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<(ValidRequest, mpsc::Receiver<SequenceEvent>), RouterError> {
         if *self.draining.borrow() {
             return Err(RouterError::ShuttingDown);
         }
@@ -83,14 +87,20 @@ type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>
 impl inference_server::Inference for InferenceService {
     type GenerateStream = GenerateStream;
 
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
         let (valid, events) = self.admit(request.into_inner())?;
         let (responses, stream) = mpsc::channel(RESPONSES_CAPACITY);
         tokio::spawn(relay(valid, events, responses, self.model.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
     }
 
-    async fn model_info(&self, _: Request<ModelInfoRequest>) -> Result<Response<ModelInfoResponse>, Status> {
+    async fn model_info(
+        &self,
+        _: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
         let config = &self.model.config;
         Ok(Response::new(ModelInfoResponse {
             model_type: config.model_type.clone(),
@@ -133,13 +143,25 @@ async fn relay(
         let response = match event {
             Some(SequenceEvent::Token { id, logprob }) => {
                 completion_tokens += 1;
-                let delta = model.tokenizer.as_ref().map(|t| decoder.push(t, id)).unwrap_or_default();
+                let delta = model
+                    .tokenizer
+                    .as_ref()
+                    .map(|t| decoder.push(t, id))
+                    .unwrap_or_default();
                 let (text, stopped) = stops.push(&delta);
                 GenerateResponse {
                     token_ids: vec![id],
                     text,
-                    logprobs: if request.logprobs { vec![logprob] } else { vec![] },
-                    finish_reason: if stopped { FinishReason::Stop as i32 } else { 0 },
+                    logprobs: if request.logprobs {
+                        vec![logprob]
+                    } else {
+                        vec![]
+                    },
+                    finish_reason: if stopped {
+                        FinishReason::Stop as i32
+                    } else {
+                        0
+                    },
                     usage: stopped.then(|| usage(completion_tokens)),
                 }
             }

@@ -12,10 +12,18 @@ async fn assert_refused(request: GenerateRequest, field: &str) {
     let model = tiny_checkpoint();
     let cluster = start(model.path(), true).await;
     let uri = cluster.router_uri();
-    let status = generate(&uri, request).await.expect_err("the request is refused");
+    let status = generate(&uri, request)
+        .await
+        .expect_err("the request is refused");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains(field), "{:?} does not name {field:?}", status.message());
-    let completion = generate(&uri, greedy(&[3, 4, 5], 5)).await.expect("still serving");
+    assert!(
+        status.message().contains(field),
+        "{:?} does not name {field:?}",
+        status.message()
+    );
+    let completion = generate(&uri, greedy(&[3, 4, 5], 5))
+        .await
+        .expect("still serving");
     assert_eq!(completion.token_ids.len(), 5);
 }
 

@@ -12,13 +12,16 @@ pub use moe::client;
 
 /// A committed fixture checkpoint made by `tests/fixtures/make_fixtures.py`.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 /// A fresh tiny checkpoint (the `moe init` default) in a temporary directory.
 pub fn tiny_checkpoint() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    moe_model::synth::write_checkpoint(dir.path(), moe_model::synth::Preset::Tiny, 0).expect("tiny checkpoint");
+    moe_model::synth::write_checkpoint(dir.path(), moe_model::synth::Preset::Tiny, 0)
+        .expect("tiny checkpoint");
     dir
 }
 
@@ -38,7 +41,8 @@ pub struct ReferencePrompt {
 
 impl Reference {
     pub fn load(checkpoint: &Path) -> Self {
-        let text = std::fs::read_to_string(checkpoint.join("reference.json")).expect("reference.json");
+        let text =
+            std::fs::read_to_string(checkpoint.join("reference.json")).expect("reference.json");
         serde_json::from_str(&text).expect("valid reference.json")
     }
 }
@@ -57,7 +61,9 @@ pub async fn start(model: &Path, local_experts: bool) -> Cluster {
 /// with log-probabilities.
 pub fn greedy(prompt: &[u32], max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
-        prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt.to_vec() })),
+        prompt: Some(Prompt::TokenIds(TokenIds {
+            ids: prompt.to_vec(),
+        })),
         max_tokens: Some(max_tokens),
         temperature: Some(0.0),
         logprobs: true,
@@ -67,15 +73,28 @@ pub fn greedy(prompt: &[u32], max_tokens: u32) -> GenerateRequest {
 }
 
 pub async fn generate(uri: &str, request: GenerateRequest) -> Result<Completion, tonic::Status> {
-    let mut client = client::connect(uri).await.map_err(|err| tonic::Status::unavailable(err.to_string()))?;
+    let mut client = client::connect(uri)
+        .await
+        .map_err(|err| tonic::Status::unavailable(err.to_string()))?;
     client::generate(&mut client, request, |_| {}).await
 }
 
 /// Asserts two runs chose the same tokens with log-probabilities within
 /// `tolerance`.
-pub fn assert_same_run(label: &str, tokens: &[u32], logprobs: &[f32], expected_tokens: &[u32], expected_logprobs: &[f32], tolerance: f32) {
+pub fn assert_same_run(
+    label: &str,
+    tokens: &[u32],
+    logprobs: &[f32],
+    expected_tokens: &[u32],
+    expected_logprobs: &[f32],
+    tolerance: f32,
+) {
     assert_eq!(tokens, expected_tokens, "{label}: tokens differ");
-    assert_eq!(logprobs.len(), expected_logprobs.len(), "{label}: logprob count");
+    assert_eq!(
+        logprobs.len(),
+        expected_logprobs.len(),
+        "{label}: logprob count"
+    );
     for (i, (got, want)) in logprobs.iter().zip(expected_logprobs).enumerate() {
         assert!(
             (got - want).abs() <= tolerance,
@@ -91,10 +110,14 @@ pub async fn start_expert(model: &Path, expert: usize, layers: &str) -> moe::lau
         ..ClusterOptions::new(model).expect("binaries built")
     };
     let mut command = tokio::process::Command::new(options.bin_dir.join("expert-svc"));
-    command
-        .arg("--model")
-        .arg(model)
-        .args(["--expert", &expert.to_string(), "--layers", layers, "--listen", "127.0.0.1:0"]);
+    command.arg("--model").arg(model).args([
+        "--expert",
+        &expert.to_string(),
+        "--layers",
+        layers,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     moe::launcher::spawn(format!("expert-svc {expert}"), command, &options)
         .await
         .expect("expert starts")

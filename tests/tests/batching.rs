@@ -54,7 +54,9 @@ async fn distributed_concurrent_equals_in_process_one_at_a_time() {
     // The reference: each request alone, in the in-process mode.
     let mut alone = Vec::new();
     for (request, _) in workload() {
-        let completion = generate(&local.router_uri(), request).await.expect("generation succeeds");
+        let completion = generate(&local.router_uri(), request)
+            .await
+            .expect("generation succeeds");
         alone.push((completion.token_ids, completion.logprobs));
     }
     let local_batched = run_concurrently(&local.router_uri()).await;
@@ -66,8 +68,22 @@ async fn distributed_concurrent_equals_in_process_one_at_a_time() {
     for (i, (tokens, logprobs)) in alone.iter().enumerate() {
         assert_eq!(tokens.len(), 12 + 3 * i, "request {i} length");
         let (t, l) = &local_batched[i];
-        assert_same_run(&format!("request {i}, in-process batched"), t, l, tokens, logprobs, TOLERANCE);
+        assert_same_run(
+            &format!("request {i}, in-process batched"),
+            t,
+            l,
+            tokens,
+            logprobs,
+            TOLERANCE,
+        );
         let (t, l) = &distributed_batched[i];
-        assert_same_run(&format!("request {i}, distributed batched"), t, l, tokens, logprobs, TOLERANCE);
+        assert_same_run(
+            &format!("request {i}, distributed batched"),
+            t,
+            l,
+            tokens,
+            logprobs,
+            TOLERANCE,
+        );
     }
 }

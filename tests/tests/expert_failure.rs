@@ -11,7 +11,9 @@ async fn dead_expert_fails_the_request_fast_and_names_it() {
     let model = tiny_checkpoint();
     let mut cluster = start(model.path(), false).await;
     let uri = cluster.router_uri();
-    generate(&uri, greedy(&[5, 6, 7], 4)).await.expect("healthy cluster answers");
+    generate(&uri, greedy(&[5, 6, 7], 4))
+        .await
+        .expect("healthy cluster answers");
 
     // A long generation is running when expert 3 is killed (SIGKILL, as a
     // crash or an OOM kill would).
@@ -30,12 +32,26 @@ async fn dead_expert_fails_the_request_fast_and_names_it() {
         .expect("task")
         .expect_err("the request cannot complete without expert 3");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("expert 3"), "{}", status.message());
-    assert!(status.message().contains(&victim_addr.to_string()), "{}", status.message());
-    assert!(killed_at.elapsed() < Duration::from_secs(5), "took {:?}", killed_at.elapsed());
+    assert!(
+        status.message().contains("expert 3"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains(&victim_addr.to_string()),
+        "{}",
+        status.message()
+    );
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        killed_at.elapsed()
+    );
 
     // The router is still up and says the same about new requests.
-    let again = generate(&uri, greedy(&[1, 2], 4)).await.expect_err("expert 3 is still dead");
+    let again = generate(&uri, greedy(&[1, 2], 4))
+        .await
+        .expect_err("expert 3 is still dead");
     assert_eq!(again.code(), Code::Unavailable);
     assert!(again.message().contains("expert 3"), "{}", again.message());
 }

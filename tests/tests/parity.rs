@@ -13,11 +13,25 @@ async fn replay(name: &str) {
     let cluster = start(&model, false).await;
     assert!(!cluster.experts.is_empty());
     for (i, case) in reference.prompts.iter().enumerate() {
-        let completion = generate(&cluster.router_uri(), greedy(&case.prompt, case.tokens.len() as u32))
-            .await
-            .unwrap_or_else(|status| panic!("{name} prompt {i}: {status}"));
-        let label = format!("{name} prompt {i} ({} tokens, {})", case.prompt.len(), reference.generator);
-        assert_same_run(&label, &completion.token_ids, &completion.logprobs, &case.tokens, &case.logprobs, TOLERANCE);
+        let completion = generate(
+            &cluster.router_uri(),
+            greedy(&case.prompt, case.tokens.len() as u32),
+        )
+        .await
+        .unwrap_or_else(|status| panic!("{name} prompt {i}: {status}"));
+        let label = format!(
+            "{name} prompt {i} ({} tokens, {})",
+            case.prompt.len(),
+            reference.generator
+        );
+        assert_same_run(
+            &label,
+            &completion.token_ids,
+            &completion.logprobs,
+            &case.tokens,
+            &case.logprobs,
+            TOLERANCE,
+        );
         assert_eq!(completion.finish_reason, "length");
     }
 }

@@ -40,7 +40,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         cluster.experts.len()
     );
     for expert in &cluster.experts {
-        println!("  {} at {} (pid {})", expert.name, expert.addr, expert.pid().unwrap_or(0));
+        println!(
+            "  {} at {} (pid {})",
+            expert.name,
+            expert.addr,
+            expert.pid().unwrap_or(0)
+        );
     }
     tokio::select! {
         _ = moe_proto::transport::shutdown_signal() => println!("stopping"),

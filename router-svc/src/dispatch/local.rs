@@ -17,7 +17,9 @@ impl LocalExperts {
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, ModelError> {
         let config = checkpoint.config();
         let experts = (0..config.num_local_experts)
-            .map(|expert| ExpertWeights::load(checkpoint, expert, 0..config.num_hidden_layers, device))
+            .map(|expert| {
+                ExpertWeights::load(checkpoint, expert, 0..config.num_hidden_layers, device)
+            })
             .collect::<Result<_, _>>()?;
         Ok(Self { experts })
     }

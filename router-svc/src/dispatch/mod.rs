@@ -24,7 +24,12 @@ pub use remote::{DispatchSettings, EndpointClient, RemoteExperts};
 /// Runs one expert on a batch of rows.
 pub trait ExpertBackend: Send + Sync {
     /// `rows` is `[n, hidden]`; the answer must be `[n, hidden]`.
-    fn run(&self, expert: usize, layer: usize, rows: Tensor) -> impl Future<Output = Result<Tensor, RouterError>> + Send;
+    fn run(
+        &self,
+        expert: usize,
+        layer: usize,
+        rows: Tensor,
+    ) -> impl Future<Output = Result<Tensor, RouterError>> + Send;
 }
 
 /// Gate + dispatch + combine over a backend.
@@ -45,7 +50,10 @@ impl<B: ExpertBackend> MoeDispatcher<B> {
     }
 
     pub fn routed_rows(&self) -> Vec<u64> {
-        self.routed_rows.iter().map(|n| n.load(Ordering::Relaxed)).collect()
+        self.routed_rows
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 }
 
@@ -60,7 +68,8 @@ impl<B: ExpertBackend> MoeLayer for MoeDispatcher<B> {
             async move {
                 let indices = indices?;
                 let input = hidden.index_select(&indices, 0)?;
-                self.routed_rows[expert_rows.expert].fetch_add(expert_rows.rows.len() as u64, Ordering::Relaxed);
+                self.routed_rows[expert_rows.expert]
+                    .fetch_add(expert_rows.rows.len() as u64, Ordering::Relaxed);
                 let output = self.backend.run(expert_rows.expert, layer, input).await?;
                 let weights = Tensor::new(expert_rows.weights.as_slice(), device)?.unsqueeze(1)?;
                 Ok::<_, RouterError>((indices, output.broadcast_mul(&weights)?))

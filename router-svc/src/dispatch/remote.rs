@@ -56,7 +56,11 @@ pub struct EndpointClient {
 impl EndpointClient {
     /// Starts the actor. Nothing connects until the first call: a cluster
     /// may come up in any order.
-    pub fn spawn(expert: usize, uri: &str, settings: DispatchSettings) -> Result<Self, RouterError> {
+    pub fn spawn(
+        expert: usize,
+        uri: &str,
+        settings: DispatchSettings,
+    ) -> Result<Self, RouterError> {
         let channel = transport::endpoint(uri)?.connect_lazy();
         let label: Arc<str> = format!("expert {expert} at {uri}").into();
         let (calls, receiver) = mpsc::channel(CALL_QUEUE);
@@ -81,10 +85,18 @@ impl EndpointClient {
 
     pub async fn describe(&self) -> Result<DescribeResponse, RouterError> {
         let mut client = self.client();
-        match tokio::time::timeout(self.settings.timeout, client.describe(DescribeRequest {})).await {
+        match tokio::time::timeout(self.settings.timeout, client.describe(DescribeRequest {})).await
+        {
             Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(RouterError::ExpertUnavailable(format!("{}: {}", self.label, status.message()))),
-            Err(_) => Err(RouterError::ExpertTimeout(format!("{} did not answer Describe", self.label))),
+            Ok(Err(status)) => Err(RouterError::ExpertUnavailable(format!(
+                "{}: {}",
+                self.label,
+                status.message()
+            ))),
+            Err(_) => Err(RouterError::ExpertTimeout(format!(
+                "{} did not answer Describe",
+                self.label
+            ))),
         }
     }
 
@@ -101,9 +113,10 @@ impl EndpointClient {
                 reply,
             })
             .map_err(|err| match err {
-                mpsc::error::TrySendError::Full(_) => {
-                    RouterError::Overloaded(format!("{}: {CALL_QUEUE} messages already waiting", self.label))
-                }
+                mpsc::error::TrySendError::Full(_) => RouterError::Overloaded(format!(
+                    "{}: {CALL_QUEUE} messages already waiting",
+                    self.label
+                )),
                 mpsc::error::TrySendError::Closed(_) => RouterError::ShuttingDown,
             })?;
         let output = match tokio::time::timeout(self.settings.timeout, answer).await {
@@ -116,8 +129,11 @@ impl EndpointClient {
                 )));
             }
         };
-        let (output, _) = tensor_codec::decode_rows(Some(&output), self.settings.hidden_size, rows.device())
-            .map_err(|err| RouterError::Internal(format!("{} answered a bad tensor: {err}", self.label)))?;
+        let (output, _) =
+            tensor_codec::decode_rows(Some(&output), self.settings.hidden_size, rows.device())
+                .map_err(|err| {
+                    RouterError::Internal(format!("{} answered a bad tensor: {err}", self.label))
+                })?;
         if output.dim(0)? != expected_rows {
             return Err(RouterError::Internal(format!(
                 "{} answered {} rows for {expected_rows}",
@@ -140,7 +156,10 @@ async fn open_stream(channel: &Channel) -> Result<Stream, tonic::Status> {
     let mut client = ExpertClient::new(channel.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let inbound = client.forward(ReceiverStream::new(receiver)).await?.into_inner();
+    let inbound = client
+        .forward(ReceiverStream::new(receiver))
+        .await?
+        .into_inner();
     Ok(Stream { outbound, inbound })
 }
 
@@ -222,7 +241,9 @@ fn answer(label: &str, result: Option<Answer>) -> Result<moe_proto::v1::Tensor, 
                 _ => RouterError::Internal(message),
             })
         }
-        None => Err(RouterError::Internal(format!("{label} sent an empty answer"))),
+        None => Err(RouterError::Internal(format!(
+            "{label} sent an empty answer"
+        ))),
     }
 }
 
@@ -246,7 +267,9 @@ impl RemoteExperts {
     }
 
     fn pick(&self, expert: usize, layer: usize) -> Option<&EndpointClient> {
-        let candidates: Vec<&EndpointClient> = self.endpoints.get(expert)?
+        let candidates: Vec<&EndpointClient> = self
+            .endpoints
+            .get(expert)?
             .iter()
             .filter(|(layers, _)| layers.contains(&layer))
             .map(|(_, client)| client)
@@ -261,7 +284,9 @@ impl RemoteExperts {
 impl ExpertBackend for RemoteExperts {
     async fn run(&self, expert: usize, layer: usize, rows: Tensor) -> Result<Tensor, RouterError> {
         let endpoint = self.pick(expert, layer).ok_or_else(|| {
-            RouterError::ExpertUnavailable(format!("no endpoint serves expert {expert} at layer {layer}"))
+            RouterError::ExpertUnavailable(format!(
+                "no endpoint serves expert {expert} at layer {layer}"
+            ))
         })?;
         endpoint.forward(layer, &rows).await
     }

@@ -1,0 +1,164 @@
+//! Process lifecycle: cancellation frees a sequence, readiness waits for
+//! the right experts, SIGTERM drains.
+
+use std::time::Duration;
+
+use moe::launcher::{ClusterOptions, spawn};
+use moe_e2e::{generate, greedy, start, start_expert, tiny_checkpoint};
+use moe_proto::v1::DescribeRequest;
+use moe_proto::v1::expert_client::ExpertClient;
+use tonic::Code;
+
+async fn rows_served(cluster: &moe::launcher::Cluster) -> u64 {
+    let mut total = 0;
+    for expert in &cluster.experts {
+        let channel = moe_proto::transport::connect(&format!("http://{}", expert.addr))
+            .await
+            .unwrap();
+        total += ExpertClient::new(channel)
+            .describe(DescribeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .rows_served;
+    }
+    total
+}
+
+/// A client that goes away mid-generation frees its sequence: with room for
+/// one running sequence, the next request runs, and once it is done the
+/// experts compute nothing more (the abandoned sequence is gone, not
+/// generating its remaining tokens for nobody).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_frees_its_sequence() {
+    let model = tiny_checkpoint();
+    let options = ClusterOptions {
+        router_args: vec!["--max-running=1".into()],
+        log_filter: "warn".into(),
+        ..ClusterOptions::new(model.path()).unwrap()
+    };
+    let cluster = moe::launcher::Cluster::start(&options).await.unwrap();
+    let uri = cluster.router_uri();
+
+    let mut client = moe_e2e::client::connect(&uri).await.unwrap();
+    let mut stream = client
+        .generate(greedy(&[4, 5, 6], 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..3 {
+        stream.message().await.unwrap().expect("a token");
+    }
+    drop(stream);
+    drop(client);
+
+    let next = generate(&uri, greedy(&[7, 8], 5))
+        .await
+        .expect("the freed slot serves the next request");
+    assert_eq!(next.token_ids.len(), 5);
+    let after = rows_served(&cluster).await;
+    // Had the abandoned sequence run to its end, its 1000 tokens alone would
+    // have sent 4 layers × top-2 = 8 rows each to the experts.
+    assert!(
+        after < 8 * 1000,
+        "{after} rows: the abandoned sequence ran on"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rows_served(&cluster).await,
+        after,
+        "experts still busy for an abandoned sequence"
+    );
+}
+
+/// The router is not ready until every expert answers with the router's own
+/// checkpoint; until then requests get UNAVAILABLE naming what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_refuses_an_expert_of_another_checkpoint() {
+    let model = tiny_checkpoint();
+    let other = tempfile::tempdir().unwrap();
+    moe_model::synth::write_checkpoint(other.path(), moe_model::synth::Preset::Tiny, 1).unwrap();
+    let impostor = start_expert(other.path(), 0, "0..4").await;
+
+    let options = ClusterOptions {
+        log_filter: "warn".into(),
+        ..ClusterOptions::new(model.path()).unwrap()
+    };
+    let mut command = tokio::process::Command::new(options.bin_dir.join("router-svc"));
+    command
+        .arg("--model")
+        .arg(model.path())
+        .args(["--listen", "127.0.0.1:0"]);
+    command.args(["--expert", &format!("0=http://{}", impostor.addr)]);
+    // Experts 1..15 point at a port where nothing listens.
+    for expert in 1..16 {
+        command.args(["--expert", &format!("{expert}=http://127.0.0.1:9")]);
+    }
+    let router = spawn("router-svc".into(), command, &options).await.unwrap();
+    let uri = format!("http://{}", router.addr);
+
+    let mut message = String::new();
+    for _ in 0..100 {
+        let status = generate(&uri, greedy(&[1, 2], 2))
+            .await
+            .expect_err("not ready");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        message = status.message().to_owned();
+        if message.contains("another checkpoint") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        message.contains(&format!("expert 0 at http://{}", impostor.addr)),
+        "{message}"
+    );
+    assert!(message.contains("serves another checkpoint"), "{message}");
+    assert!(
+        message.contains("expert 5 at http://127.0.0.1:9"),
+        "{message}"
+    );
+}
+
+/// SIGTERM: the router stops taking requests but finishes the running one,
+/// then exits cleanly; an expert drains and exits too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_exits() {
+    let model = tiny_checkpoint();
+    let mut cluster = start(model.path(), false).await;
+    let uri = cluster.router_uri();
+    let mut client = moe_e2e::client::connect(&uri).await.unwrap();
+    let mut stream = client
+        .generate(greedy(&[4, 5, 6], 300))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("first token");
+
+    cluster.router.terminate();
+    let mut tokens = 1;
+    let mut finish = 0;
+    while let Some(message) = stream
+        .message()
+        .await
+        .expect("the running request completes")
+    {
+        tokens += message.token_ids.len();
+        finish = message.finish_reason;
+    }
+    assert_eq!(tokens, 300);
+    assert_eq!(finish, moe_proto::v1::FinishReason::Length as i32);
+    let status = tokio::time::timeout(Duration::from_secs(20), cluster.router.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "router exit: {status}");
+
+    let expert = &mut cluster.experts[0];
+    expert.terminate();
+    let status = tokio::time::timeout(Duration::from_secs(20), expert.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "expert exit: {status}");
+}
