@@ -49,9 +49,8 @@ pub async fn run(
         device,
         drain_signal,
     );
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (health, server) = transport::server_with_health_and_reflection();
     health.set_serving::<ExpertServer<ExpertService>>().await;
-    let (reflection_v1, reflection_v1alpha) = transport::reflection();
     tracing::info!(addr = %listener.local_addr()?, "expert ready");
 
     let grace = config.shutdown_grace;
@@ -64,10 +63,7 @@ pub async fn run(
             .await;
         let _ = draining.send(true);
     };
-    let server = transport::server_builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let server = server
         .add_service(
             ExpertServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Channel, Endpoint, Server};
+use tonic_health::server::HealthReporter;
 
 /// Server-side settings: adaptive HTTP/2 windows (the 64 KiB default would
 /// stall a multi-megabyte tensor on every round trip) and keepalives that
@@ -44,7 +45,7 @@ pub async fn connect(uri: &str) -> Result<Channel, tonic::transport::Error> {
 
 /// gRPC server reflection for the moe.v1 services, in both protocol
 /// versions: grpcurl and Python's grpcio still speak only v1alpha.
-pub fn reflection() -> (
+fn reflection() -> (
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
@@ -65,6 +66,30 @@ pub fn reflection() -> (
             .build_v1alpha()
             .expect("the moe.v1 descriptors are valid"),
     )
+}
+
+/// A server carrying what every moe-serve service serves besides its own
+/// API: gRPC health (returned, for the caller to flip) and reflection.
+pub fn server_with_health_and_reflection() -> (HealthReporter, Router) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let (reflection_v1, reflection_v1alpha) = reflection();
+    let router = server_builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    (health, router)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` or else `default_filter`
+/// (stdout is kept for the one `listening on ADDR` line launchers read).
+pub fn init_logging(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.

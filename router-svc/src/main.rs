@@ -4,12 +4,7 @@ use router_svc::{Args, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    moe_proto::transport::init_logging("info");
     let config = Config::try_from(Args::parse())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -44,13 +44,8 @@ pub async fn run(
             ExpertPlacement::Remote(_) => "distributed",
         },
     });
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_not_serving::<InferenceServer<InferenceService>>()
-        .await;
+    let (health, server) = transport::server_with_health_and_reflection();
+    set_serving(&health, false).await;
 
     let (scheduler, readiness) = start(
         &config,
@@ -64,23 +59,14 @@ pub async fn run(
 
     let (draining, drain_signal) = watch::channel(false);
     let service = InferenceService::new(model, scheduler, readiness, drain_signal.clone());
-    let (reflection_v1, reflection_v1alpha) = transport::reflection();
     tracing::info!(addr = %listener.local_addr()?, "router serving");
     let stop = async move {
         shutdown.await;
         tracing::info!("draining: refusing new requests, finishing running ones");
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        health
-            .set_not_serving::<InferenceServer<InferenceService>>()
-            .await;
+        set_serving(&health, false).await;
         let _ = draining.send(true);
     };
-    let server = transport::server_builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+    let server = server
         .add_service(
             InferenceServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -164,9 +150,23 @@ fn load_tokenizer(checkpoint: &Checkpoint) -> Result<Option<Tokenizer>, RouterEr
 /// Marks the service SERVING once ready, for Kubernetes readiness probes.
 async fn report_health(mut readiness: Readiness, health: HealthReporter) {
     if readiness.wait_for(Result::is_ok).await.is_ok() {
-        health.set_service_status("", ServingStatus::Serving).await;
-        health
-            .set_serving::<InferenceServer<InferenceService>>()
-            .await;
+        set_serving(&health, true).await;
     }
+}
+
+/// Flips both the overall health ("", what a Kubernetes gRPC probe asks
+/// by default) and the Inference service's.
+async fn set_serving(health: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <InferenceServer<InferenceService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
 }
