@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::ops::rms_norm;
 use moe_model::{Checkpoint, ModelConfig};
 
@@ -170,6 +170,6 @@ impl Engine {
             outputs.push(attend(&q.narrow(0, offset, n)?, &keys, &values)?);
             offset += n;
         }
-        Ok(Tensor::cat(&outputs, 0)?.to_dtype(DType::F32)?)
+        Ok(Tensor::cat(&outputs, 0)?)
     }
 }

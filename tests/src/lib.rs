@@ -47,12 +47,19 @@ impl Reference {
     }
 }
 
+/// Launcher options for `model` with quiet children (warnings only).
+pub fn quiet_options(model: &Path) -> ClusterOptions {
+    ClusterOptions {
+        log_filter: "warn".into(),
+        ..ClusterOptions::new(model).expect("binaries built")
+    }
+}
+
 /// A distributed cluster (one expert-svc per expert) or the in-process mode.
 pub async fn start(model: &Path, local_experts: bool) -> Cluster {
     let options = ClusterOptions {
         local_experts,
-        log_filter: "warn".into(),
-        ..ClusterOptions::new(model).expect("binaries built")
+        ..quiet_options(model)
     };
     Cluster::start(&options).await.expect("cluster starts")
 }
@@ -105,10 +112,7 @@ pub fn assert_same_run(
 
 /// One expert-svc process serving `expert` for `layers` (e.g. "0..2").
 pub async fn start_expert(model: &Path, expert: usize, layers: &str) -> moe::launcher::Process {
-    let options = ClusterOptions {
-        log_filter: "warn".into(),
-        ..ClusterOptions::new(model).expect("binaries built")
-    };
+    let options = quiet_options(model);
     let mut command = tokio::process::Command::new(options.bin_dir.join("expert-svc"));
     command.arg("--model").arg(model).args([
         "--expert",

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use moe::launcher::{ClusterOptions, spawn};
-use moe_e2e::{generate, greedy, start, start_expert, tiny_checkpoint};
+use moe_e2e::{generate, greedy, quiet_options, start, start_expert, tiny_checkpoint};
 use moe_proto::v1::DescribeRequest;
 use moe_proto::v1::expert_client::ExpertClient;
 use tonic::Code;
@@ -34,8 +34,7 @@ async fn a_client_that_disconnects_frees_its_sequence() {
     let model = tiny_checkpoint();
     let options = ClusterOptions {
         router_args: vec!["--max-running=1".into()],
-        log_filter: "warn".into(),
-        ..ClusterOptions::new(model.path()).unwrap()
+        ..quiet_options(model.path())
     };
     let cluster = moe::launcher::Cluster::start(&options).await.unwrap();
     let uri = cluster.router_uri();
@@ -80,10 +79,7 @@ async fn router_refuses_an_expert_of_another_checkpoint() {
     moe_model::synth::write_checkpoint(other.path(), moe_model::synth::Preset::Tiny, 1).unwrap();
     let impostor = start_expert(other.path(), 0, "0..4").await;
 
-    let options = ClusterOptions {
-        log_filter: "warn".into(),
-        ..ClusterOptions::new(model.path()).unwrap()
-    };
+    let options = quiet_options(model.path());
     let mut command = tokio::process::Command::new(options.bin_dir.join("router-svc"));
     command
         .arg("--model")

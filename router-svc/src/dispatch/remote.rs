@@ -78,9 +78,7 @@ impl EndpointClient {
     }
 
     fn client(&self) -> ExpertClient<Channel> {
-        ExpertClient::new(self.channel.clone())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        expert_client(&self.channel)
     }
 
     pub async fn describe(&self) -> Result<DescribeResponse, RouterError> {
@@ -145,6 +143,13 @@ impl EndpointClient {
     }
 }
 
+/// A client with the cluster's message size limits on both directions.
+fn expert_client(channel: &Channel) -> ExpertClient<Channel> {
+    ExpertClient::new(channel.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
 /// An open Forward stream.
 struct Stream {
     outbound: mpsc::Sender<ExpertBatch>,
@@ -153,9 +158,7 @@ struct Stream {
 
 async fn open_stream(channel: &Channel) -> Result<Stream, tonic::Status> {
     let (outbound, receiver) = mpsc::channel(STREAM_QUEUE);
-    let mut client = ExpertClient::new(channel.clone())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client = expert_client(channel);
     let inbound = client
         .forward(ReceiverStream::new(receiver))
         .await?
