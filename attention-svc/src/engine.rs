@@ -77,7 +77,7 @@ impl Engine {
         for (layer, weights) in self.weights.layers.iter().enumerate() {
             let normed = rms_norm(&x, &weights.input_norm, eps)?;
             let attention = self.attention(layer, &normed, &positions, chunks)?;
-            let h = (x + attention.matmul(&weights.o_proj.t()?)?)?;
+            let h = (x + attention.matmul(&weights.o_proj)?)?;
             let moe_input = rms_norm(&h, &weights.post_attention_norm, eps)?;
             let moe_output = moe
                 .forward(layer, &moe_input)
@@ -98,7 +98,7 @@ impl Engine {
             &self.weights.final_norm,
             eps,
         )?;
-        Ok(last.matmul(&self.weights.lm_head.t()?)?)
+        Ok(last.matmul(&self.weights.lm_head)?)
     }
 
     /// All chunks' token ids and positions, after checking each chunk fits
@@ -146,20 +146,15 @@ impl Engine {
         let weights = &self.weights.layers[layer];
         let config = &self.config;
         let rows = normed.dim(0)?;
-        let project = |w: &Tensor, heads: usize| {
-            normed
-                .matmul(&w.t()?)?
-                .reshape((rows, heads, config.head_dim))
-        };
-        let q = self.rotary.apply(
-            &project(&weights.q_proj, config.num_attention_heads)?,
-            positions,
-        )?;
-        let k = self.rotary.apply(
-            &project(&weights.k_proj, config.num_key_value_heads)?,
-            positions,
-        )?;
-        let v = project(&weights.v_proj, config.num_key_value_heads)?;
+        let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
+        let qkv = normed
+            .matmul(&weights.qkv)?
+            .reshape((rows, heads + 2 * kv_heads, config.head_dim))?;
+        let q = self.rotary.apply(&qkv.narrow(1, 0, heads)?.contiguous()?, positions)?;
+        let k = self
+            .rotary
+            .apply(&qkv.narrow(1, heads, kv_heads)?.contiguous()?, positions)?;
+        let v = qkv.narrow(1, heads + kv_heads, kv_heads)?;
         let mut outputs = Vec::with_capacity(chunks.len());
         let mut offset = 0;
         for chunk in chunks.iter_mut() {

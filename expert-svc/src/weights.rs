@@ -6,11 +6,15 @@ use std::ops::Range;
 use candle_core::{Device, Tensor};
 use moe_model::{Checkpoint, ModelError, layout};
 
+/// Kept as `[in, out]` (the checkpoint's `[out, in]` transposed once, at
+/// load): `x.matmul(w)` then streams the weights in order, which on CPU is
+/// 4-7x faster at a few rows than a product through a transposed view
+/// (candle's gemm would gather every column of the weights on each call).
 struct LayerWeights {
-    /// w1 (gate) and w3 (up) stacked: `[2 * intermediate, hidden]`, so one
-    /// matrix product computes both.
+    /// w1 (gate) and w3 (up) side by side: `[hidden, 2 * intermediate]`,
+    /// so one matrix product computes both.
     gate_up: Tensor,
-    /// w2: `[hidden, intermediate]`.
+    /// w2: `[intermediate, hidden]`.
     down: Tensor,
 }
 
@@ -49,8 +53,10 @@ impl ExpertWeights {
             .map(|layer| {
                 let load = |matrix| checkpoint.load(&layout::expert(layer, expert, matrix), device);
                 Ok(LayerWeights {
-                    gate_up: Tensor::cat(&[load("w1")?, load("w3")?], 0)?,
-                    down: load("w2")?,
+                    gate_up: Tensor::cat(&[load("w1")?, load("w3")?], 0)?
+                        .t()?
+                        .contiguous()?,
+                    down: load("w2")?.t()?.contiguous()?,
                 })
             })
             .collect::<Result<_, ModelError>>()?;
@@ -78,9 +84,9 @@ impl ExpertWeights {
     /// `layer` must be one of [`ExpertWeights::layers`].
     pub fn forward(&self, layer: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let weights = &self.weights[layer - self.layers.start];
-        let gate_up = x.matmul(&weights.gate_up.t()?)?;
+        let gate_up = x.matmul(&weights.gate_up)?;
         let gate = gate_up.narrow(1, 0, self.intermediate_size)?;
         let up = gate_up.narrow(1, self.intermediate_size, self.intermediate_size)?;
-        (gate.silu()? * up)?.matmul(&weights.down.t()?)
+        (gate.silu()? * up)?.matmul(&weights.down)
     }
 }

@@ -95,6 +95,12 @@ impl Preset {
     }
 }
 
+/// The English text the tokenizers are trained on; benchmarks cut their
+/// prompts from it, so prompts are text the tokenizer has seen.
+pub fn corpus() -> &'static str {
+    CORPUS
+}
+
 /// Writes config.json, model.safetensors and tokenizer.json into `dir`.
 pub fn write_checkpoint(dir: &Path, preset: Preset, seed: u64) -> Result<ModelConfig, ModelError> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {

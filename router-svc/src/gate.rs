@@ -15,7 +15,8 @@ pub struct ExpertRows {
 }
 
 pub struct Gate {
-    /// Per layer, `[num_experts, hidden]`.
+    /// Per layer, `[hidden, num_experts]` (transposed at load, so that the
+    /// product reads it in order).
     weights: Vec<Tensor>,
     top_k: usize,
 }
@@ -26,8 +27,11 @@ impl Gate {
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, ModelError> {
         let config = checkpoint.config();
         let weights = (0..config.num_hidden_layers)
-            .map(|layer| checkpoint.load(&layout::gate(layer), device))
-            .collect::<Result<_, _>>()?;
+            .map(|layer| {
+                let weight = checkpoint.load(&layout::gate(layer), device)?;
+                Ok(weight.t()?.contiguous()?)
+            })
+            .collect::<Result<_, ModelError>>()?;
         Ok(Self {
             weights,
             top_k: config.num_experts_per_tok,
@@ -38,8 +42,8 @@ impl Gate {
     /// Experts that receive no row are left out; the rest come in expert
     /// order, which is also the order their outputs are summed in.
     pub fn route(&self, layer: usize, hidden: &Tensor) -> candle_core::Result<Vec<ExpertRows>> {
-        let logits = hidden.matmul(&self.weights[layer].t()?)?.to_vec2::<f32>()?;
-        let num_experts = self.weights[layer].dim(0)?;
+        let logits = hidden.matmul(&self.weights[layer])?.to_vec2::<f32>()?;
+        let num_experts = self.weights[layer].dim(1)?;
         let mut per_expert: Vec<ExpertRows> = (0..num_experts)
             .map(|expert| ExpertRows {
                 expert,
@@ -101,7 +105,7 @@ mod tests {
         let gate = Gate {
             // Expert 0 likes the first feature, expert 1 the second, expert 2 neither.
             weights: vec![
-                Tensor::new(&[[4f32, 0.0], [0.0, 4.0], [0.0, 0.0]], &Device::Cpu).unwrap(),
+                Tensor::new(&[[4f32, 0.0, 0.0], [0.0, 4.0, 0.0]], &Device::Cpu).unwrap(),
             ],
             top_k: 1,
         };

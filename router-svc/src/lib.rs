@@ -17,6 +17,7 @@ pub mod sampling;
 pub mod scheduler;
 mod server;
 mod service;
+pub mod stats;
 
 pub use config::{Args, Config, ExpertPlacement};
 pub use error::RouterError;

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::RouterError;
 use crate::sampling::Sampler;
+use crate::stats::RouterStats;
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +88,7 @@ pub fn spawn<M>(
     engine: Arc<Engine>,
     moe: Arc<M>,
     config: SchedulerConfig,
+    stats: Arc<RouterStats>,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<SchedulerHandle>
 where
@@ -97,7 +99,7 @@ where
     std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
-            runtime.block_on(Scheduler::new(engine, config).run(receiver, moe.as_ref()))
+            runtime.block_on(Scheduler::new(engine, config, stats).run(receiver, moe.as_ref()))
         })?;
     Ok(SchedulerHandle {
         submissions,
@@ -139,15 +141,17 @@ impl Sequence {
 struct Scheduler {
     engine: Arc<Engine>,
     config: SchedulerConfig,
+    stats: Arc<RouterStats>,
     waiting: VecDeque<GenerationRequest>,
     running: Vec<Sequence>,
 }
 
 impl Scheduler {
-    fn new(engine: Arc<Engine>, config: SchedulerConfig) -> Self {
+    fn new(engine: Arc<Engine>, config: SchedulerConfig, stats: Arc<RouterStats>) -> Self {
         Self {
             engine,
             config,
+            stats,
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
@@ -237,6 +241,7 @@ impl Scheduler {
     ) {
         let rows: usize = plan.iter().map(|(_, tokens)| tokens.len()).sum();
         let _span = tracing::debug_span!("step", sequences = plan.len(), rows).entered();
+        self.stats.record_step(rows);
         let mut planned = plan.iter().peekable();
         let mut chunks = Vec::with_capacity(plan.len());
         for (index, sequence) in self.running.iter_mut().enumerate() {

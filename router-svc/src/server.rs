@@ -21,6 +21,7 @@ use crate::gate::Gate;
 use crate::readiness::{self, Expected, Readiness};
 use crate::scheduler::{self, SchedulerHandle};
 use crate::service::{InferenceService, ServedModel};
+use crate::stats::RouterStats;
 use crate::{RouterError, cluster};
 
 /// Loads the model, starts the scheduler and serves the public API on
@@ -47,18 +48,27 @@ pub async fn run(
     let (health, server) = transport::server_with_health_and_reflection();
     set_serving(&health, false).await;
 
+    let wire_dtype = match config.experts {
+        ExpertPlacement::Local => "none",
+        ExpertPlacement::Remote(_) => config.wire_dtype.name(),
+    };
+    let stats = Arc::new(RouterStats::new(
+        checkpoint.config().num_local_experts,
+        wire_dtype,
+    ));
     let (scheduler, readiness) = start(
         &config,
         &checkpoint,
         engine,
         gate,
+        stats.clone(),
         tokio::runtime::Handle::current(),
     )?;
     drop(checkpoint);
     tokio::spawn(report_health(readiness.clone(), health.clone()));
 
     let (draining, drain_signal) = watch::channel(false);
-    let service = InferenceService::new(model, scheduler, readiness, drain_signal.clone());
+    let service = InferenceService::new(model, scheduler, readiness, stats, drain_signal.clone());
     tracing::info!(addr = %listener.local_addr()?, "router serving");
     let stop = async move {
         shutdown.await;
@@ -84,6 +94,7 @@ fn start(
     checkpoint: &Checkpoint,
     engine: Arc<Engine>,
     gate: Gate,
+    stats: Arc<RouterStats>,
     runtime: tokio::runtime::Handle,
 ) -> Result<(SchedulerHandle, Readiness), RouterError> {
     let model = checkpoint.config();
@@ -91,8 +102,9 @@ fn start(
     match &config.experts {
         ExpertPlacement::Local => {
             let experts = LocalExperts::load(checkpoint, engine.device())?;
-            let moe = Arc::new(MoeDispatcher::new(gate, experts, num_experts));
-            let scheduler = scheduler::spawn(engine, moe, config.scheduler.clone(), runtime)?;
+            let moe = Arc::new(MoeDispatcher::new(gate, experts, stats.clone()));
+            let scheduler =
+                scheduler::spawn(engine, moe, config.scheduler.clone(), stats, runtime)?;
             Ok((scheduler, watch::channel(Ok(())).1))
         }
         ExpertPlacement::Remote(endpoints) => {
@@ -107,7 +119,12 @@ fn start(
             for (expert, served) in layout.into_iter().enumerate() {
                 let mut per_expert = Vec::with_capacity(served.len());
                 for (layers, endpoint) in served {
-                    let client = EndpointClient::spawn(expert, &endpoint.uri, settings.clone())?;
+                    let client = EndpointClient::spawn(
+                        expert,
+                        &endpoint.uri,
+                        settings.clone(),
+                        stats.clone(),
+                    )?;
                     to_check.push((expert, layers.clone(), client.clone()));
                     per_expert.push((layers, client));
                 }
@@ -116,9 +133,10 @@ fn start(
             let moe = Arc::new(MoeDispatcher::new(
                 gate,
                 RemoteExperts::new(clients),
-                num_experts,
+                stats.clone(),
             ));
-            let scheduler = scheduler::spawn(engine, moe, config.scheduler.clone(), runtime)?;
+            let scheduler =
+                scheduler::spawn(engine, moe, config.scheduler.clone(), stats, runtime)?;
             let (state, readiness) = readiness::not_ready("no expert has answered yet");
             let (model, fingerprint) = (model.clone(), checkpoint.fingerprint().to_owned());
             tokio::spawn(async move {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use futures::Stream;
 use moe_model::ModelConfig;
 use moe_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse, Usage,
-    inference_server,
+    FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse,
+    StatsRequest, StatsResponse, Usage, inference_server,
 };
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch};
@@ -20,6 +20,7 @@ use crate::readiness::Readiness;
 use crate::request::{ValidRequest, validate};
 use crate::sampling::Sampler;
 use crate::scheduler::{Finish, GenerationRequest, SchedulerHandle, SequenceEvent};
+use crate::stats::RouterStats;
 
 /// Events a sequence may have waiting for its relay task.
 const EVENTS_CAPACITY: usize = 32;
@@ -40,6 +41,7 @@ pub struct InferenceService {
     model: Arc<ServedModel>,
     scheduler: SchedulerHandle,
     readiness: Readiness,
+    stats: Arc<RouterStats>,
     draining: watch::Receiver<bool>,
 }
 
@@ -48,12 +50,14 @@ impl InferenceService {
         model: Arc<ServedModel>,
         scheduler: SchedulerHandle,
         readiness: Readiness,
+        stats: Arc<RouterStats>,
         draining: watch::Receiver<bool>,
     ) -> Self {
         Self {
             model,
             scheduler,
             readiness,
+            stats,
             draining,
         }
     }
@@ -114,7 +118,13 @@ impl inference_server::Inference for InferenceService {
             max_position_embeddings: config.max_position_embeddings as u32,
             model_fingerprint: self.model.fingerprint.clone(),
             expert_mode: self.model.expert_mode.into(),
+            intermediate_size: config.intermediate_size as u32,
+            head_dim: config.head_dim as u32,
         }))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        Ok(Response::new(self.stats.snapshot()))
     }
 }
 

@@ -1,3 +1,4 @@
+mod bench;
 mod demo;
 mod generate;
 mod init;
@@ -23,6 +24,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// init (when absent) + up + one generate + shutdown.
     Demo(demo::DemoArgs),
+    /// Closed-loop load: throughput, latency, utilisation, wire traffic.
+    Bench(bench::BenchArgs),
 }
 
 impl Cli {
@@ -32,6 +35,7 @@ impl Cli {
             Command::Up(args) => up::run(args).await,
             Command::Generate(args) => generate::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     }
 }

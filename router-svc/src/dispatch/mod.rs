@@ -9,7 +9,6 @@ pub mod remote;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use attention_svc::MoeLayer;
 use candle_core::Tensor;
@@ -17,6 +16,7 @@ use futures::future::try_join_all;
 
 use crate::RouterError;
 use crate::gate::Gate;
+use crate::stats::RouterStats;
 
 pub use local::LocalExperts;
 pub use remote::{DispatchSettings, EndpointClient, RemoteExperts};
@@ -36,24 +36,16 @@ pub trait ExpertBackend: Send + Sync {
 pub struct MoeDispatcher<B> {
     gate: Gate,
     backend: B,
-    /// Rows sent to each expert since start.
-    routed_rows: Arc<Vec<AtomicU64>>,
+    stats: Arc<RouterStats>,
 }
 
 impl<B: ExpertBackend> MoeDispatcher<B> {
-    pub fn new(gate: Gate, backend: B, num_experts: usize) -> Self {
+    pub fn new(gate: Gate, backend: B, stats: Arc<RouterStats>) -> Self {
         Self {
             gate,
             backend,
-            routed_rows: Arc::new((0..num_experts).map(|_| AtomicU64::new(0)).collect()),
+            stats,
         }
-    }
-
-    pub fn routed_rows(&self) -> Vec<u64> {
-        self.routed_rows
-            .iter()
-            .map(|n| n.load(Ordering::Relaxed))
-            .collect()
     }
 }
 
@@ -62,14 +54,17 @@ impl<B: ExpertBackend> MoeLayer for MoeDispatcher<B> {
 
     async fn forward(&self, layer: usize, hidden: &Tensor) -> Result<Tensor, RouterError> {
         let routed = self.gate.route(layer, hidden)?;
+        self.stats.record_dispatch(
+            routed
+                .iter()
+                .map(|expert_rows| (expert_rows.expert, expert_rows.rows.len())),
+        );
         let device = hidden.device();
         let calls = routed.iter().map(|expert_rows| {
             let indices = Tensor::new(expert_rows.rows.as_slice(), device);
             async move {
                 let indices = indices?;
                 let input = hidden.index_select(&indices, 0)?;
-                self.routed_rows[expert_rows.expert]
-                    .fetch_add(expert_rows.rows.len() as u64, Ordering::Relaxed);
                 let output = self.backend.run(expert_rows.expert, layer, input).await?;
                 let weights = Tensor::new(expert_rows.weights.as_slice(), device)?.unsqueeze(1)?;
                 Ok::<_, RouterError>((indices, output.broadcast_mul(&weights)?))

@@ -13,6 +13,7 @@ use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::expert_result::Result as Answer;
 use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertBatch, ExpertResult};
 use moe_proto::{MAX_MESSAGE_BYTES, WireDType, tensor_codec, transport};
+use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -20,6 +21,7 @@ use tonic::transport::Channel;
 
 use super::ExpertBackend;
 use crate::RouterError;
+use crate::stats::RouterStats;
 
 /// How every endpoint actor talks to its expert.
 #[derive(Debug, Clone)]
@@ -60,11 +62,12 @@ impl EndpointClient {
         expert: usize,
         uri: &str,
         settings: DispatchSettings,
+        stats: Arc<RouterStats>,
     ) -> Result<Self, RouterError> {
         let channel = transport::endpoint(uri)?.connect_lazy();
         let label: Arc<str> = format!("expert {expert} at {uri}").into();
         let (calls, receiver) = mpsc::channel(CALL_QUEUE);
-        tokio::spawn(run_actor(label.clone(), channel.clone(), receiver));
+        tokio::spawn(run_actor(label.clone(), channel.clone(), receiver, stats));
         Ok(Self {
             label,
             channel,
@@ -176,7 +179,12 @@ async fn next_result(stream: &mut Option<Stream>) -> Option<Result<ExpertResult,
 /// Owns the stream and the table of calls awaiting an answer. When the
 /// stream breaks, every pending call fails at once (naming the endpoint) and
 /// the next call opens a new stream.
-async fn run_actor(label: Arc<str>, channel: Channel, mut calls: mpsc::Receiver<Call>) {
+async fn run_actor(
+    label: Arc<str>,
+    channel: Channel,
+    mut calls: mpsc::Receiver<Call>,
+    stats: Arc<RouterStats>,
+) {
     let mut stream: Option<Stream> = None;
     let mut pending: HashMap<u64, Reply> = HashMap::new();
     let mut next_id = 0u64;
@@ -197,6 +205,7 @@ async fn run_actor(label: Arc<str>, channel: Channel, mut calls: mpsc::Receiver<
                 next_id += 1;
                 let batch = ExpertBatch { request_id: next_id, layer: call.layer, hidden: Some(call.hidden) };
                 pending.insert(next_id, call.reply);
+                stats.record_sent(batch.encoded_len());
                 let sent = match &stream {
                     Some(open) => open.outbound.send(batch).await.is_ok(),
                     None => false,
@@ -207,12 +216,15 @@ async fn run_actor(label: Arc<str>, channel: Channel, mut calls: mpsc::Receiver<
                 }
             }
             result = next_result(&mut stream) => match result {
-                Some(Ok(message)) => match pending.remove(&message.request_id) {
-                    Some(reply) => {
-                        let _ = reply.send(answer(&label, message.result));
+                Some(Ok(message)) => {
+                    stats.record_received(message.encoded_len());
+                    match pending.remove(&message.request_id) {
+                        Some(reply) => {
+                            let _ = reply.send(answer(&label, message.result));
+                        }
+                        None => tracing::warn!(%label, request_id = message.request_id, "answer to no pending call"),
                     }
-                    None => tracing::warn!(%label, request_id = message.request_id, "answer to no pending call"),
-                },
+                }
                 Some(Err(status)) => {
                     tracing::warn!(%label, %status, "expert stream failed");
                     stream = None;

@@ -1,0 +1,185 @@
+//! `moe bench`'s machinery: a deterministic workload, a closed-loop load
+//! generator over a [`Target`], and the report: throughput, latency,
+//! utilisation of the machine's measured matrix-product rate, and what the
+//! router's counters say about bytes and messages on the wire.
+
+pub mod flops;
+pub mod load;
+pub mod targets;
+pub mod workload;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use moe_proto::v1::{ModelInfoRequest, StatsRequest, StatsResponse};
+use serde::Serialize;
+
+pub use flops::{ModelShape, Peak, measure_peak};
+pub use load::{Latency, Measurement, Target, closed_loop};
+pub use targets::{Grpc, OpenAi};
+pub use workload::{Prompt, Workload};
+
+/// One run of the workload against one server.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// "distributed", "local" (experts in the router's process) or "openai".
+    pub mode: String,
+    #[serde(flatten)]
+    pub measurement: Measurement,
+    pub model_flops_per_s: f64,
+    /// `model_flops_per_s` over the machine's measured matrix-product peak.
+    pub utilisation: f64,
+    /// Distributed moe-serve only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wire: Option<WireReport>,
+}
+
+/// Traffic between router and experts during the run, from the router's
+/// `Stats` counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct WireReport {
+    pub dtype: String,
+    pub steps: u64,
+    /// Bytes both ways per token per layer, and the least they can be:
+    /// top-k rows of d_model values there and back.
+    pub bytes_per_token_layer: f64,
+    pub min_bytes_per_token_layer: f64,
+    /// `bytes_per_token_layer / min_bytes_per_token_layer - 1`.
+    pub overhead: f64,
+    /// Expert messages per step, and the bound: over the step's layers and
+    /// micro-batches, the experts that received rows.
+    pub messages_per_step: f64,
+    pub message_bound_per_step: f64,
+}
+
+impl WireReport {
+    fn between(before: &StatsResponse, after: &StatsResponse, shape: &ModelShape) -> Option<Self> {
+        let element_bytes = match after.wire_dtype.as_str() {
+            "f32" => 4.0,
+            "bf16" | "f16" => 2.0,
+            _ => return None,
+        };
+        let steps = after.steps - before.steps;
+        let token_layers = ((after.step_tokens - before.step_tokens) * shape.layers as u64) as f64;
+        if steps == 0 || token_layers == 0.0 {
+            return None;
+        }
+        let bytes = (after.wire_bytes_sent + after.wire_bytes_received
+            - before.wire_bytes_sent
+            - before.wire_bytes_received) as f64;
+        let bytes_per_token_layer = bytes / token_layers;
+        let min_bytes_per_token_layer = (shape.top_k * shape.hidden) as f64 * element_bytes * 2.0;
+        Some(Self {
+            dtype: after.wire_dtype.clone(),
+            steps,
+            bytes_per_token_layer,
+            min_bytes_per_token_layer,
+            overhead: bytes_per_token_layer / min_bytes_per_token_layer - 1.0,
+            messages_per_step: (after.expert_messages - before.expert_messages) as f64
+                / steps as f64,
+            message_bound_per_step: (after.experts_hit - before.experts_hit) as f64
+                / steps as f64,
+        })
+    }
+}
+
+/// Runs `workload` against `target`, with a progress bar on stderr.
+pub async fn run<T: Target>(
+    mode: &str,
+    target: &T,
+    workload: &Workload,
+    prompts: &[Prompt],
+    shape: &ModelShape,
+    peak: &Peak,
+) -> RunReport {
+    let progress = ProgressBar::new(prompts.len() as u64).with_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} requests {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    progress.set_prefix(mode.to_owned());
+    let measurement = closed_loop(target, workload, prompts, &progress).await;
+    progress.finish_and_clear();
+    let generated_per_request =
+        measurement.output_tokens / (measurement.requests_ok + measurement.requests_failed).max(1);
+    let flops = measurement.requests_ok as f64
+        * shape.request_flops(workload.prompt_tokens, generated_per_request);
+    let model_flops_per_s = flops / measurement.duration_s.max(f64::EPSILON);
+    RunReport {
+        mode: mode.to_owned(),
+        measurement,
+        model_flops_per_s,
+        utilisation: model_flops_per_s / peak.flops_per_s,
+        wire: None,
+    }
+}
+
+/// Runs `workload` against a moe-serve router at `uri`, reading its
+/// counters before and after. One short request first opens every
+/// connection and stream, so the run measures serving, not connecting.
+pub async fn run_grpc(
+    uri: &str,
+    workload: &Workload,
+    prompts: &[Prompt],
+    shape: &ModelShape,
+    peak: &Peak,
+) -> anyhow::Result<RunReport> {
+    let target = Grpc::connect(uri).await?;
+    let mut client = target.client();
+    let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
+    if let Some(first) = prompts.first() {
+        target
+            .generate(first, 2, &mut |_| {})
+            .await
+            .map_err(|err| anyhow::anyhow!("warm-up request failed: {err}"))?;
+    }
+    let before = client.stats(StatsRequest {}).await?.into_inner();
+    let mut report = run(&info.expert_mode, &target, workload, prompts, shape, peak).await;
+    let after = client.stats(StatsRequest {}).await?.into_inner();
+    report.wire = WireReport::between(&before, &after, shape);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_report_against_the_minimum() {
+        let shape = ModelShape {
+            layers: 2,
+            hidden: 4,
+            intermediate: 8,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 4,
+            experts: 4,
+            top_k: 2,
+            vocab: 10,
+        };
+        let before = StatsResponse {
+            wire_dtype: "f32".into(),
+            ..Default::default()
+        };
+        // 10 tokens, 2 layers: the minimum is 20 token-layers * 2 experts
+        // * 4 values * 4 bytes * 2 ways = 1280 bytes; 1408 is 10% more.
+        let after = StatsResponse {
+            steps: 2,
+            step_tokens: 10,
+            experts_hit: 12,
+            expert_messages: 12,
+            wire_bytes_sent: 704,
+            wire_bytes_received: 704,
+            wire_dtype: "f32".into(),
+            ..Default::default()
+        };
+        let report = WireReport::between(&before, &after, &shape).unwrap();
+        assert_eq!(report.min_bytes_per_token_layer, 64.0);
+        assert!((report.overhead - 0.1).abs() < 1e-12);
+        assert_eq!(report.messages_per_step, 6.0);
+        assert_eq!(report.message_bound_per_step, 6.0);
+        let local = StatsResponse {
+            wire_dtype: "none".into(),
+            ..after
+        };
+        assert!(WireReport::between(&before, &local, &shape).is_none());
+    }
+}

@@ -1,0 +1,214 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use moe::bench::{self, ModelShape, Peak, Prompt, RunReport, Workload};
+use moe::launcher::{Cluster, ClusterOptions};
+use moe_model::ModelConfig;
+use moe_proto::v1::ModelInfoRequest;
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(true).args(["addr", "model"])))]
+pub struct BenchArgs {
+    /// A running router to load (e.g. http://127.0.0.1:50051).
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// A checkpoint directory: start a local cluster on it (as `moe up`
+    /// does), load it, and stop it. With --addr or --openai, only its
+    /// tokenizer and config are used, to make text prompts.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Also run the same workload with the experts inside the router's
+    /// process, and report distributed / in-process throughput.
+    #[arg(long, requires = "model", conflicts_with = "addr")]
+    pub compare_local: bool,
+    /// Load an OpenAI-compatible completions server at this root URL
+    /// instead (mistral.rs, vLLM...), with the same prompts; needs --model.
+    #[arg(long, requires = "model", conflicts_with = "compare_local")]
+    pub openai: Option<String>,
+    /// The model name to put in OpenAI requests.
+    #[arg(long, default_value = "default")]
+    pub openai_model: String,
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 128)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Seed of the prompt choice: the same seed sends the same prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// gemm threads per expert process, for clusters this command starts.
+    #[arg(long, default_value_t = 1)]
+    pub expert_threads: usize,
+    /// Extra flags for router-svc, e.g. --router-arg=--wire-dtype=bf16.
+    #[arg(long = "router-arg", allow_hyphen_values = true)]
+    pub router_args: Vec<String>,
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+struct Report {
+    workload: Workload,
+    cpus: usize,
+    matmul_peak: Peak,
+    runs: Vec<RunReport>,
+    /// Distributed / in-process output tokens per second (--compare-local).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let workload = Workload {
+        concurrency: args.concurrency,
+        requests: args.requests,
+        prompt_tokens: args.prompt_tokens,
+        max_tokens: args.max_tokens,
+        seed: args.seed,
+    };
+    let (shape, prompts) = shape_and_prompts(&args, &workload).await?;
+    // Before any server starts, so nothing else competes for the cores.
+    let peak = bench::measure_peak(&shape)?;
+    let mut runs = Vec::new();
+    if let Some(base) = &args.openai {
+        let target = bench::OpenAi::new(base, &args.openai_model)?;
+        runs.push(bench::run("openai", &target, &workload, &prompts, &shape, &peak).await);
+    } else if let Some(addr) = &args.addr {
+        runs.push(bench::run_grpc(addr, &workload, &prompts, &shape, &peak).await?);
+    } else {
+        runs.push(run_cluster(&args, false, &workload, &prompts, &shape, &peak).await?);
+        if args.compare_local {
+            runs.push(run_cluster(&args, true, &workload, &prompts, &shape, &peak).await?);
+        }
+    }
+    let ratio = match runs.as_slice() {
+        [distributed, local] => Some(
+            distributed.measurement.output_tokens_per_s / local.measurement.output_tokens_per_s,
+        ),
+        _ => None,
+    };
+    let report = Report {
+        workload,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        matmul_peak: peak,
+        runs,
+        ratio,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    let failed: usize = report.runs.iter().map(|r| r.measurement.requests_failed).sum();
+    anyhow::ensure!(failed == 0, "{failed} requests failed");
+    Ok(())
+}
+
+/// The model's shape and the prompts: from the checkpoint when given
+/// (text prompts cut from the corpus), else from the router's ModelInfo
+/// (random token ids).
+async fn shape_and_prompts(
+    args: &BenchArgs,
+    workload: &Workload,
+) -> anyhow::Result<(ModelShape, Vec<Prompt>)> {
+    if let Some(dir) = &args.model {
+        let config = ModelConfig::from_file(&dir.join(moe_model::CONFIG_FILE))?;
+        let path = dir.join(moe_model::TOKENIZER_FILE);
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|err| anyhow::anyhow!("{}: {err}", path.display()))?;
+        return Ok((
+            ModelShape::from(&config),
+            workload.prompts_from_corpus(&tokenizer)?,
+        ));
+    }
+    let addr = args.addr.as_deref().context("--addr or --model is required")?;
+    let mut client = moe::client::connect(addr).await?;
+    let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
+    Ok((
+        ModelShape::from(&info),
+        workload.random_prompts(info.vocab_size),
+    ))
+}
+
+async fn run_cluster(
+    args: &BenchArgs,
+    local_experts: bool,
+    workload: &Workload,
+    prompts: &[Prompt],
+    shape: &ModelShape,
+    peak: &Peak,
+) -> anyhow::Result<RunReport> {
+    let model = args.model.as_ref().context("--model is required")?;
+    let options = ClusterOptions {
+        router_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        expert_threads: args.expert_threads,
+        local_experts,
+        router_args: args.router_args.clone(),
+        log_filter: "warn".into(),
+        ..ClusterOptions::new(model)?
+    };
+    let cluster = Cluster::start(&options).await?;
+    let report = bench::run_grpc(&cluster.router_uri(), workload, prompts, shape, peak).await;
+    cluster.shutdown(Duration::from_secs(10)).await;
+    report
+}
+
+fn print_table(report: &Report) {
+    let w = &report.workload;
+    println!(
+        "workload: {} requests, concurrency {}, {} prompt tokens, {} max tokens, seed {} ({} CPUs)",
+        w.requests, w.concurrency, w.prompt_tokens, w.max_tokens, w.seed, report.cpus
+    );
+    println!(
+        "matmul peak: {:.1} GFLOP/s (candle f32, {}x{}x{})",
+        report.matmul_peak.flops_per_s / 1e9,
+        report.matmul_peak.shape.0,
+        report.matmul_peak.shape.1,
+        report.matmul_peak.shape.2
+    );
+    println!(
+        "{:<12} {:>9} {:>7} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6}",
+        "mode", "tok/s", "failed", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "GFLOP/s", "util"
+    );
+    for run in &report.runs {
+        let m = &run.measurement;
+        println!(
+            "{:<12} {:>9.1} {:>7} {:>7.0}ms {:>7.0}ms {:>6.1}ms {:>6.1}ms {:>9.2} {:>5.1}%",
+            run.mode,
+            m.output_tokens_per_s,
+            m.requests_failed,
+            m.ttft.p50_ms,
+            m.ttft.p99_ms,
+            m.itl.p50_ms,
+            m.itl.p99_ms,
+            run.model_flops_per_s / 1e9,
+            run.utilisation * 100.0
+        );
+        if let Some(error) = &m.first_error {
+            println!("  first failure: {error}");
+        }
+        if let Some(wire) = &run.wire {
+            println!(
+                "  wire ({}): {:.0} bytes/token/layer, minimum {:.0} (+{:.2}%); {:.1} messages/step, bound {:.1}",
+                wire.dtype,
+                wire.bytes_per_token_layer,
+                wire.min_bytes_per_token_layer,
+                wire.overhead * 100.0,
+                wire.messages_per_step,
+                wire.message_bound_per_step
+            );
+        }
+    }
+    if let Some(ratio) = report.ratio {
+        println!("distributed / in-process throughput: {ratio:.3}");
+    }
+}

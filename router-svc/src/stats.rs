@@ -1,0 +1,111 @@
+//! Counters of work done and bytes moved since start, shared by the
+//! scheduler, the dispatcher and the endpoint actors, and read through the
+//! `Stats` RPC. Relaxed atomics: each counter is monotonic on its own, and a
+//! snapshot taken between steps is what a benchmark subtracts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use moe_proto::v1::StatsResponse;
+
+#[derive(Debug)]
+pub struct RouterStats {
+    steps: AtomicU64,
+    step_tokens: AtomicU64,
+    moe_dispatches: AtomicU64,
+    experts_hit: AtomicU64,
+    expert_messages: AtomicU64,
+    wire_bytes_sent: AtomicU64,
+    wire_bytes_received: AtomicU64,
+    rows_by_expert: Vec<AtomicU64>,
+    wire_dtype: &'static str,
+}
+
+/// gRPC's length prefix in front of every message on a stream.
+pub const GRPC_PREFIX_BYTES: u64 = 5;
+
+impl RouterStats {
+    pub fn new(num_experts: usize, wire_dtype: &'static str) -> Self {
+        Self {
+            steps: AtomicU64::new(0),
+            step_tokens: AtomicU64::new(0),
+            moe_dispatches: AtomicU64::new(0),
+            experts_hit: AtomicU64::new(0),
+            expert_messages: AtomicU64::new(0),
+            wire_bytes_sent: AtomicU64::new(0),
+            wire_bytes_received: AtomicU64::new(0),
+            rows_by_expert: (0..num_experts).map(|_| AtomicU64::new(0)).collect(),
+            wire_dtype,
+        }
+    }
+
+    pub fn record_step(&self, tokens: usize) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.step_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+    }
+
+    /// One layer of one micro-batch dispatched: `rows[e]` rows to expert `e`
+    /// for each expert that received some.
+    pub fn record_dispatch(&self, rows: impl IntoIterator<Item = (usize, usize)>) {
+        self.moe_dispatches.fetch_add(1, Ordering::Relaxed);
+        for (expert, count) in rows {
+            self.experts_hit.fetch_add(1, Ordering::Relaxed);
+            if let Some(counter) = self.rows_by_expert.get(expert) {
+                counter.fetch_add(count as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A message of `encoded_len` bytes went out on a Forward stream.
+    pub fn record_sent(&self, encoded_len: usize) {
+        self.expert_messages.fetch_add(1, Ordering::Relaxed);
+        self.wire_bytes_sent
+            .fetch_add(encoded_len as u64 + GRPC_PREFIX_BYTES, Ordering::Relaxed);
+    }
+
+    pub fn record_received(&self, encoded_len: usize) {
+        self.wire_bytes_received
+            .fetch_add(encoded_len as u64 + GRPC_PREFIX_BYTES, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsResponse {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let rows_by_expert: Vec<u64> = self.rows_by_expert.iter().map(load).collect();
+        StatsResponse {
+            steps: load(&self.steps),
+            step_tokens: load(&self.step_tokens),
+            moe_dispatches: load(&self.moe_dispatches),
+            experts_hit: load(&self.experts_hit),
+            expert_rows: rows_by_expert.iter().sum(),
+            expert_messages: load(&self.expert_messages),
+            wire_bytes_sent: load(&self.wire_bytes_sent),
+            wire_bytes_received: load(&self.wire_bytes_received),
+            wire_dtype: self.wire_dtype.into(),
+            rows_by_expert,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_sums_rows_and_counts_prefixes() {
+        let stats = RouterStats::new(4, "f32");
+        stats.record_step(10);
+        stats.record_dispatch([(0, 3), (2, 7)]);
+        stats.record_dispatch([(2, 1)]);
+        stats.record_sent(100);
+        stats.record_received(90);
+        let snapshot = stats.snapshot();
+        assert_eq!(snapshot.steps, 1);
+        assert_eq!(snapshot.step_tokens, 10);
+        assert_eq!(snapshot.moe_dispatches, 2);
+        assert_eq!(snapshot.experts_hit, 3);
+        assert_eq!(snapshot.rows_by_expert, vec![3, 0, 8, 0]);
+        assert_eq!(snapshot.expert_rows, 11);
+        assert_eq!(snapshot.expert_messages, 1);
+        assert_eq!(snapshot.wire_bytes_sent, 105);
+        assert_eq!(snapshot.wire_bytes_received, 95);
+    }
+}
