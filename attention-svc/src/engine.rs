@@ -4,11 +4,13 @@
 
 use std::future::Future;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Layout, Storage, Tensor};
 use candle_nn::ops::rms_norm;
 use moe_model::{Checkpoint, ModelConfig};
+use tracing::Instrument;
 
 use crate::attention::attend;
+use crate::decode_attention::{DecodeRow, Heads, attend_decode_rows};
 use crate::rotary::Rotary;
 use crate::{AttentionError, SequenceCache, SharedWeights, StepError};
 
@@ -75,12 +77,15 @@ impl Engine {
         let eps = self.config.rms_norm_eps as f32;
         let mut x = self.weights.embed_tokens.index_select(&tokens, 0)?;
         for (layer, weights) in self.weights.layers.iter().enumerate() {
+            let attention_span = tracing::debug_span!("attention", layer).entered();
             let normed = rms_norm(&x, &weights.input_norm, eps)?;
             let attention = self.attention(layer, &normed, &positions, chunks)?;
             let h = (x + attention.matmul(&weights.o_proj)?)?;
             let moe_input = rms_norm(&h, &weights.post_attention_norm, eps)?;
+            drop(attention_span);
             let moe_output = moe
                 .forward(layer, &moe_input)
+                .instrument(tracing::debug_span!("moe", layer))
                 .await
                 .map_err(StepError::Moe)?;
             x = (h + moe_output)?;
@@ -147,24 +152,122 @@ impl Engine {
         let config = &self.config;
         let rows = normed.dim(0)?;
         let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
-        let qkv = normed
-            .matmul(&weights.qkv)?
-            .reshape((rows, heads + 2 * kv_heads, config.head_dim))?;
-        let q = self.rotary.apply(&qkv.narrow(1, 0, heads)?.contiguous()?, positions)?;
+        let qkv =
+            normed
+                .matmul(&weights.qkv)?
+                .reshape((rows, heads + 2 * kv_heads, config.head_dim))?;
+        let q = self
+            .rotary
+            .apply(&qkv.narrow(1, 0, heads)?.contiguous()?, positions)?;
         let k = self
             .rotary
             .apply(&qkv.narrow(1, heads, kv_heads)?.contiguous()?, positions)?;
         let v = qkv.narrow(1, heads + kv_heads, kv_heads)?;
-        let mut outputs = Vec::with_capacity(chunks.len());
+        // Decode rows go through the CPU kernel together, after every chunk
+        // has appended its keys and values; prompt chunks through candle.
+        let batch_decodes = self.device.is_cpu();
+        let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(chunks.len());
+        let mut decodes = Vec::new();
         let mut offset = 0;
-        for chunk in chunks.iter_mut() {
+        for (index, chunk) in chunks.iter_mut().enumerate() {
             let n = chunk.tokens.len();
             let new_keys = k.narrow(0, offset, n)?.transpose(0, 1)?;
             let new_values = v.narrow(0, offset, n)?.transpose(0, 1)?;
             let (keys, values) = chunk.cache.append(layer, &new_keys, &new_values)?;
-            outputs.push(attend(&q.narrow(0, offset, n)?, &keys, &values)?);
+            if n == 1 && batch_decodes {
+                decodes.push((index, offset as u32));
+                outputs.push(None);
+            } else {
+                outputs.push(Some(attend(&q.narrow(0, offset, n)?, &keys, &values)?));
+            }
             offset += n;
         }
-        Ok(Tensor::cat(&outputs, 0)?)
+        if decodes.is_empty() {
+            return Ok(Tensor::cat(
+                &outputs.into_iter().flatten().collect::<Vec<_>>(),
+                0,
+            )?);
+        }
+        let decoded = self.attend_decodes(layer, &q, &decodes, chunks)?;
+        if decodes.len() == chunks.len() {
+            return Ok(decoded);
+        }
+        for (row, (index, _)) in decodes.iter().enumerate() {
+            outputs[*index] = Some(decoded.narrow(0, row, 1)?);
+        }
+        Ok(Tensor::cat(
+            &outputs.into_iter().flatten().collect::<Vec<_>>(),
+            0,
+        )?)
+    }
+
+    /// Attention of the decode rows `decodes` (chunk index, row in `q`),
+    /// whose keys and values were just appended to their caches.
+    fn attend_decodes(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        decodes: &[(usize, u32)],
+        chunks: &[SequenceChunk<'_>],
+    ) -> Result<Tensor, AttentionError> {
+        let shape = Heads {
+            heads: self.config.num_attention_heads,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        };
+        let width = shape.heads * shape.head_dim;
+        let rows = Tensor::new(
+            decodes.iter().map(|(_, row)| *row).collect::<Vec<_>>(),
+            &self.device,
+        )?;
+        let queries = q.index_select(&rows, 0)?.flatten_all()?.to_vec1::<f32>()?;
+        // The caches' storage stays read-locked while the kernel reads it.
+        let locked = decodes
+            .iter()
+            .map(|(index, _)| {
+                let cache = &chunks[*index].cache;
+                let (keys, values, capacity) = cache
+                    .buffers(layer)
+                    .expect("every chunk appended to this layer above");
+                (
+                    keys.storage_and_layout(),
+                    values.storage_and_layout(),
+                    capacity,
+                    cache.len() + 1,
+                )
+            })
+            .collect::<Vec<_>>();
+        let rows = locked
+            .iter()
+            .zip(queries.chunks_exact(width))
+            .map(
+                |(((keys, key_layout), (values, value_layout), capacity, context), query)| {
+                    Ok(DecodeRow {
+                        query,
+                        keys: cpu_slice(keys, key_layout)?,
+                        values: cpu_slice(values, value_layout)?,
+                        capacity: *capacity,
+                        context: *context,
+                    })
+                },
+            )
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut output = vec![0f32; decodes.len() * width];
+        attend_decode_rows(&rows, shape, &mut output);
+        Ok(Tensor::from_vec(
+            output,
+            (decodes.len(), width),
+            &self.device,
+        )?)
+    }
+}
+
+/// The f32 elements of a CPU tensor's storage from its layout's start.
+fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
+        _ => Err(candle_core::Error::Msg(
+            "decode attention reads CPU buffers only".into(),
+        )),
     }
 }

@@ -78,6 +78,14 @@ impl SequenceCache {
         ))
     }
 
+    /// `layer`'s key and value buffers (`[kv_heads, capacity, head_dim]`,
+    /// contiguous) and their capacity, once anything was appended to it.
+    pub(crate) fn buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor, usize)> {
+        self.layers[layer]
+            .as_ref()
+            .map(|cache| (&cache.keys, &cache.values, cache.capacity))
+    }
+
     /// Marks `n` more positions as filled once every layer has appended them.
     pub fn advance(&mut self, n: usize) {
         self.len += n;

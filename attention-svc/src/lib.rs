@@ -8,6 +8,7 @@
 //! this crate knows nothing of gRPC.
 
 mod attention;
+mod decode_attention;
 mod engine;
 mod error;
 mod kv_cache;

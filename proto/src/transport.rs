@@ -82,12 +82,22 @@ pub fn server_with_health_and_reflection() -> (HealthReporter, Router) {
 
 /// Logs to stderr, filtered by `RUST_LOG` or else `default_filter`
 /// (stdout is kept for the one `listening on ADDR` line launchers read).
+///
+/// `MOE_LOG_SPAN_TIMES=1` also logs every enabled span as it closes, with
+/// its busy and idle time: with `RUST_LOG=debug` that is a per-step,
+/// per-layer time profile (attention, MoE dispatch, expert products).
 pub fn init_logging(default_filter: &str) {
+    let span_events = if std::env::var_os("MOE_LOG_SPAN_TIMES").is_some_and(|v| v == "1") {
+        tracing_subscriber::fmt::format::FmtSpan::CLOSE
+    } else {
+        tracing_subscriber::fmt::format::FmtSpan::NONE
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| default_filter.into()),
         )
+        .with_span_events(span_events)
         .with_writer(std::io::stderr)
         .init();
 }

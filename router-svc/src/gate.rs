@@ -104,9 +104,7 @@ mod tests {
     fn routes_rows_to_experts_in_expert_order() {
         let gate = Gate {
             // Expert 0 likes the first feature, expert 1 the second, expert 2 neither.
-            weights: vec![
-                Tensor::new(&[[4f32, 0.0, 0.0], [0.0, 4.0, 0.0]], &Device::Cpu).unwrap(),
-            ],
+            weights: vec![Tensor::new(&[[4f32, 0.0, 0.0], [0.0, 4.0, 0.0]], &Device::Cpu).unwrap()],
             top_k: 1,
         };
         let hidden = Tensor::new(&[[0f32, 1.0], [1.0, 0.0], [0.0, 2.0]], &Device::Cpu).unwrap();

@@ -2,8 +2,15 @@ use anyhow::Context;
 use clap::Parser;
 use router_svc::{Args, Config};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    moe_model::pin_compute_threads();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     moe_proto::transport::init_logging("info");
     let config = Config::try_from(Args::parse())?;
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -75,8 +75,7 @@ impl WireReport {
             overhead: bytes_per_token_layer / min_bytes_per_token_layer - 1.0,
             messages_per_step: (after.expert_messages - before.expert_messages) as f64
                 / steps as f64,
-            message_bound_per_step: (after.experts_hit - before.experts_hit) as f64
-                / steps as f64,
+            message_bound_per_step: (after.experts_hit - before.experts_hit) as f64 / steps as f64,
         })
     }
 }

@@ -180,14 +180,20 @@ mod tests {
             let mut lines = SseLines::default();
             let mut payloads = lines.push(&stream[..split]);
             payloads.extend(lines.push(&stream[split..]));
-            assert_eq!(payloads, ["{\"a\":1}", "{\"b\":2}", "[DONE]"], "split at {split}");
+            assert_eq!(
+                payloads,
+                ["{\"a\":1}", "{\"b\":2}", "[DONE]"],
+                "split at {split}"
+            );
         }
     }
 
     #[test]
     fn completion_events() {
         assert!(completion_has_text(r#"{"choices":[{"text":"ab"}]}"#).unwrap());
-        assert!(!completion_has_text(r#"{"choices":[{"text":"","finish_reason":"length"}]}"#).unwrap());
+        assert!(
+            !completion_has_text(r#"{"choices":[{"text":"","finish_reason":"length"}]}"#).unwrap()
+        );
         assert!(completion_has_text(r#"{"error":{"message":"no"}}"#).is_err());
         assert!(completion_has_text("not json").is_err());
     }

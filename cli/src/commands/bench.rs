@@ -108,7 +108,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         print_table(&report);
     }
-    let failed: usize = report.runs.iter().map(|r| r.measurement.requests_failed).sum();
+    let failed: usize = report
+        .runs
+        .iter()
+        .map(|r| r.measurement.requests_failed)
+        .sum();
     anyhow::ensure!(failed == 0, "{failed} requests failed");
     Ok(())
 }
@@ -130,7 +134,10 @@ async fn shape_and_prompts(
             workload.prompts_from_corpus(&tokenizer)?,
         ));
     }
-    let addr = args.addr.as_deref().context("--addr or --model is required")?;
+    let addr = args
+        .addr
+        .as_deref()
+        .context("--addr or --model is required")?;
     let mut client = moe::client::connect(addr).await?;
     let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
     Ok((
