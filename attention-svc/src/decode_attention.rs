@@ -15,11 +15,9 @@ use rayon::prelude::*;
 pub struct DecodeRow<'a> {
     /// `[heads, head_dim]`, rotary already applied.
     pub query: &'a [f32],
-    /// `[kv_heads, capacity, head_dim]`, the first `context` positions filled.
+    /// `[context, kv_heads, head_dim]`: the sequence's cache of this layer.
     pub keys: &'a [f32],
     pub values: &'a [f32],
-    pub capacity: usize,
-    pub context: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -47,16 +45,24 @@ fn attend_one(row: &DecodeRow<'_>, shape: Heads, out: &mut [f32]) {
     } = shape;
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut scores = vec![0f32; row.context];
+    let position_width = kv_heads * head_dim;
+    let context = row.keys.len() / position_width;
+    let mut scores = vec![0f32; context];
     for head in 0..heads {
         // Heads h = g * group + j share kv head g (transformers' repeat_kv).
         let kv = head / group;
         let query = &row.query[head * head_dim..(head + 1) * head_dim];
-        let base = kv * row.capacity * head_dim;
-        let keys = &row.keys[base..base + row.context * head_dim];
-        let values = &row.values[base..base + row.context * head_dim];
+        let head_range = kv * head_dim..(kv + 1) * head_dim;
+        let keys = row
+            .keys
+            .chunks_exact(position_width)
+            .map(|position| &position[head_range.clone()]);
+        let values = row
+            .values
+            .chunks_exact(position_width)
+            .map(|position| &position[head_range.clone()]);
         let mut max = f32::NEG_INFINITY;
-        for (score, key) in scores.iter_mut().zip(keys.chunks_exact(head_dim)) {
+        for (score, key) in scores.iter_mut().zip(keys) {
             *score = dot(query, key) * scale;
             max = max.max(*score);
         }
@@ -67,7 +73,7 @@ fn attend_one(row: &DecodeRow<'_>, shape: Heads, out: &mut [f32]) {
         }
         let out = &mut out[head * head_dim..(head + 1) * head_dim];
         out.fill(0.0);
-        for (&weight, value) in scores.iter().zip(values.chunks_exact(head_dim)) {
+        for (&weight, value) in scores.iter().zip(values) {
             let weight = weight / total;
             for (o, v) in out.iter_mut().zip(value) {
                 *o += weight * v;
@@ -100,9 +106,10 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
+    use crate::SequenceCache;
 
     /// The kernel against the candle path it replaces, on GQA shapes with
-    /// contexts of different lengths in one call and spare capacity.
+    /// contexts of different lengths in one call.
     #[test]
     fn matches_candle_attention() {
         let device = Device::Cpu;
@@ -111,55 +118,53 @@ mod tests {
             kv_heads: 2,
             head_dim: 12,
         };
-        let capacity = 16;
         let contexts = [1usize, 7, 16];
-        let buffers: Vec<(Tensor, Tensor, Tensor)> = contexts
+        let caches: Vec<(Vec<f32>, SequenceCache)> = contexts
             .iter()
-            .map(|_| {
-                let randn =
-                    |dims: (usize, usize, usize)| Tensor::randn(0f32, 1.0, dims, &device).unwrap();
-                (
-                    randn((1, shape.heads, shape.head_dim)),
-                    randn((shape.kv_heads, capacity, shape.head_dim)),
-                    randn((shape.kv_heads, capacity, shape.head_dim)),
-                )
+            .map(|&context| {
+                let randn = |n: usize| {
+                    Tensor::randn(0f32, 1.0, n, &device)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                let width = shape.kv_heads * shape.head_dim;
+                let mut cache = SequenceCache::new(1, shape.kv_heads, shape.head_dim);
+                cache.append(0, &randn(context * width), &randn(context * width));
+                cache.advance(context);
+                (randn(shape.heads * shape.head_dim), cache)
             })
             .collect();
-        let flat: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = buffers
+        let rows: Vec<DecodeRow<'_>> = caches
             .iter()
-            .map(|(q, k, v)| {
-                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                (flat(q), flat(k), flat(v))
-            })
-            .collect();
-        let rows: Vec<DecodeRow<'_>> = flat
-            .iter()
-            .zip(contexts)
-            .map(|((q, k, v), context)| DecodeRow {
-                query: q,
-                keys: k,
-                values: v,
-                capacity,
-                context,
+            .map(|(query, cache)| {
+                let (keys, values) = cache.layer(0);
+                DecodeRow {
+                    query,
+                    keys,
+                    values,
+                }
             })
             .collect();
         let width = shape.heads * shape.head_dim;
         let mut output = vec![0f32; rows.len() * width];
         attend_decode_rows(&rows, shape, &mut output);
-        for (index, ((q, k, v), context)) in buffers.iter().zip(contexts).enumerate() {
-            let expected = crate::attention::attend(
-                q,
-                &k.narrow(1, 0, context).unwrap(),
-                &v.narrow(1, 0, context).unwrap(),
-            )
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        for (index, (query, cache)) in caches.iter().enumerate() {
+            let q = Tensor::from_slice(query, (1, shape.heads, shape.head_dim), &device).unwrap();
+            let (keys, values) = cache.tensors(0, shape.kv_heads, &device).unwrap();
+            let expected = crate::attention::attend(&q, &keys, &values)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let got = &output[index * width..(index + 1) * width];
             for (g, e) in got.iter().zip(&expected) {
-                assert!((g - e).abs() < 1e-5, "context {context}: {g} vs {e}");
+                assert!(
+                    (g - e).abs() < 1e-5,
+                    "context {}: {g} vs {e}",
+                    contexts[index]
+                );
             }
         }
     }

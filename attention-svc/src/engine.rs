@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use candle_core::{Device, Layout, Storage, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::ops::rms_norm;
 use moe_model::{Checkpoint, ModelConfig};
 use tracing::Instrument;
@@ -62,7 +62,11 @@ impl Engine {
     }
 
     pub fn new_cache(&self) -> SequenceCache {
-        SequenceCache::new(self.config.num_hidden_layers)
+        SequenceCache::new(
+            self.config.num_hidden_layers,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+        )
     }
 
     /// Runs one forward step over every chunk's tokens, appending them to
@@ -163,42 +167,48 @@ impl Engine {
             .rotary
             .apply(&qkv.narrow(1, heads, kv_heads)?.contiguous()?, positions)?;
         let v = qkv.narrow(1, heads + kv_heads, kv_heads)?;
-        // Decode rows go through the CPU kernel together, after every chunk
-        // has appended its keys and values; prompt chunks through candle.
-        let batch_decodes = self.device.is_cpu();
-        let mut outputs: Vec<Option<Tensor>> = Vec::with_capacity(chunks.len());
-        let mut decodes = Vec::new();
+        let position_width = kv_heads * config.head_dim;
+        let (k, v) = (
+            k.flatten_all()?.to_vec1::<f32>()?,
+            v.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+        );
+        // Every chunk appends its new positions first. Decode rows then go
+        // through the kernel together; prompt chunks through candle.
         let mut offset = 0;
+        let mut decodes = Vec::new();
         for (index, chunk) in chunks.iter_mut().enumerate() {
-            let n = chunk.tokens.len();
-            let new_keys = k.narrow(0, offset, n)?.transpose(0, 1)?;
-            let new_values = v.narrow(0, offset, n)?.transpose(0, 1)?;
-            let (keys, values) = chunk.cache.append(layer, &new_keys, &new_values)?;
-            if n == 1 && batch_decodes {
+            let span = offset * position_width..(offset + chunk.tokens.len()) * position_width;
+            chunk
+                .cache
+                .append(layer, &k[span.clone()], &v[span.clone()]);
+            if chunk.tokens.len() == 1 {
                 decodes.push((index, offset as u32));
-                outputs.push(None);
+            }
+            offset += chunk.tokens.len();
+        }
+        let decoded = if decodes.is_empty() {
+            None
+        } else {
+            Some(self.attend_decodes(layer, &q, &decodes, chunks)?)
+        };
+        if decodes.len() == chunks.len() {
+            return Ok(decoded.expect("every chunk is a decode"));
+        }
+        let mut outputs = Vec::with_capacity(chunks.len());
+        let (mut offset, mut decoded_rows) = (0, 0);
+        for chunk in chunks.iter() {
+            let n = chunk.tokens.len();
+            if n == 1 {
+                let decoded = decoded.as_ref().expect("decodes were attended");
+                outputs.push(decoded.narrow(0, decoded_rows, 1)?);
+                decoded_rows += 1;
             } else {
-                outputs.push(Some(attend(&q.narrow(0, offset, n)?, &keys, &values)?));
+                let (keys, values) = chunk.cache.tensors(layer, kv_heads, &self.device)?;
+                outputs.push(attend(&q.narrow(0, offset, n)?, &keys, &values)?);
             }
             offset += n;
         }
-        if decodes.is_empty() {
-            return Ok(Tensor::cat(
-                &outputs.into_iter().flatten().collect::<Vec<_>>(),
-                0,
-            )?);
-        }
-        let decoded = self.attend_decodes(layer, &q, &decodes, chunks)?;
-        if decodes.len() == chunks.len() {
-            return Ok(decoded);
-        }
-        for (row, (index, _)) in decodes.iter().enumerate() {
-            outputs[*index] = Some(decoded.narrow(0, row, 1)?);
-        }
-        Ok(Tensor::cat(
-            &outputs.into_iter().flatten().collect::<Vec<_>>(),
-            0,
-        )?)
+        Ok(Tensor::cat(&outputs, 0)?)
     }
 
     /// Attention of the decode rows `decodes` (chunk index, row in `q`),
@@ -221,37 +231,18 @@ impl Engine {
             &self.device,
         )?;
         let queries = q.index_select(&rows, 0)?.flatten_all()?.to_vec1::<f32>()?;
-        // The caches' storage stays read-locked while the kernel reads it.
-        let locked = decodes
-            .iter()
-            .map(|(index, _)| {
-                let cache = &chunks[*index].cache;
-                let (keys, values, capacity) = cache
-                    .buffers(layer)
-                    .expect("every chunk appended to this layer above");
-                (
-                    keys.storage_and_layout(),
-                    values.storage_and_layout(),
-                    capacity,
-                    cache.len() + 1,
-                )
-            })
-            .collect::<Vec<_>>();
-        let rows = locked
+        let rows: Vec<DecodeRow<'_>> = decodes
             .iter()
             .zip(queries.chunks_exact(width))
-            .map(
-                |(((keys, key_layout), (values, value_layout), capacity, context), query)| {
-                    Ok(DecodeRow {
-                        query,
-                        keys: cpu_slice(keys, key_layout)?,
-                        values: cpu_slice(values, value_layout)?,
-                        capacity: *capacity,
-                        context: *context,
-                    })
-                },
-            )
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|((index, _), query)| {
+                let (keys, values) = chunks[*index].cache.layer(layer);
+                DecodeRow {
+                    query,
+                    keys,
+                    values,
+                }
+            })
+            .collect();
         let mut output = vec![0f32; decodes.len() * width];
         attend_decode_rows(&rows, shape, &mut output);
         Ok(Tensor::from_vec(
@@ -259,15 +250,5 @@ impl Engine {
             (decodes.len(), width),
             &self.device,
         )?)
-    }
-}
-
-/// The f32 elements of a CPU tensor's storage from its layout's start.
-fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
-        _ => Err(candle_core::Error::Msg(
-            "decode attention reads CPU buffers only".into(),
-        )),
     }
 }

@@ -1,31 +1,28 @@
-//! Each sequence's keys and values, per layer, in buffers that grow by
-//! doubling so that appending one decode token copies nothing but that token.
+//! Each sequence's keys and values, per layer, in host memory laid out
+//! position by position (`[positions, kv_heads, head_dim]`), so that
+//! appending a decode token is one `extend` of its values (amortised
+//! doubling, no copy of the rest) and the decode kernel reads them in
+//! place. Prompt chunks, which attend through candle, view them as
+//! tensors.
 
-use candle_core::Tensor;
-
-/// One layer's cache: `[kv_heads, capacity, head_dim]` buffers of which the
-/// first `len` positions (of the owning [`SequenceCache`]) are filled.
-struct LayerCache {
-    keys: Tensor,
-    values: Tensor,
-    capacity: usize,
-}
+use candle_core::{Device, Tensor};
 
 /// The KV cache of one sequence. Dropping it frees its memory, which is how
 /// a finished or cancelled sequence gives its share back.
 pub struct SequenceCache {
-    layers: Vec<Option<LayerCache>>,
+    /// Per layer: keys, then values.
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Floats per position: kv_heads * head_dim.
+    position_width: usize,
     /// Positions filled in every layer.
     len: usize,
 }
 
-/// Smallest buffer a sequence starts with, in positions.
-const MIN_CAPACITY: usize = 16;
-
 impl SequenceCache {
-    pub fn new(num_layers: usize) -> Self {
+    pub fn new(num_layers: usize, kv_heads: usize, head_dim: usize) -> Self {
         Self {
-            layers: (0..num_layers).map(|_| None).collect(),
+            layers: (0..num_layers).map(|_| (Vec::new(), Vec::new())).collect(),
+            position_width: kv_heads * head_dim,
             len: 0,
         }
     }
@@ -39,51 +36,42 @@ impl SequenceCache {
         self.len == 0
     }
 
-    /// Appends `[kv_heads, n, head_dim]` keys and values at position
-    /// `self.len()` of `layer`, and returns views of all cached positions
-    /// of that layer, the new ones included. Call [`SequenceCache::advance`]
-    /// once every layer has appended.
-    pub fn append(
-        &mut self,
-        layer: usize,
-        keys: &Tensor,
-        values: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (kv_heads, n, head_dim) = keys.dims3()?;
-        let (len, needed) = (self.len, self.len + n);
-        let slot = &mut self.layers[layer];
-        if slot.as_ref().is_none_or(|cache| cache.capacity < needed) {
-            let capacity = needed.next_power_of_two().max(MIN_CAPACITY);
-            let grow = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
-                let buffer =
-                    Tensor::zeros((kv_heads, capacity, head_dim), keys.dtype(), keys.device())?;
-                if let Some(old) = old.filter(|_| len > 0) {
-                    buffer.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
-                }
-                Ok(buffer)
-            };
-            let old = slot.take();
-            *slot = Some(LayerCache {
-                keys: grow(old.as_ref().map(|c| &c.keys))?,
-                values: grow(old.as_ref().map(|c| &c.values))?,
-                capacity,
-            });
-        }
-        let cache = slot.as_ref().expect("allocated above");
-        cache.keys.slice_set(&keys.contiguous()?, 1, len)?;
-        cache.values.slice_set(&values.contiguous()?, 1, len)?;
-        Ok((
-            cache.keys.narrow(1, 0, needed)?,
-            cache.values.narrow(1, 0, needed)?,
-        ))
+    /// Appends the keys and values of new positions (`[n, kv_heads,
+    /// head_dim]`, flattened) at position `self.len()` of `layer`. Call
+    /// [`SequenceCache::advance`] once every layer has appended.
+    pub fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) {
+        let (cached_keys, cached_values) = &mut self.layers[layer];
+        // A failed step may have left positions past `len`: overwrite them.
+        cached_keys.truncate(self.len * self.position_width);
+        cached_values.truncate(self.len * self.position_width);
+        cached_keys.extend_from_slice(keys);
+        cached_values.extend_from_slice(values);
     }
 
-    /// `layer`'s key and value buffers (`[kv_heads, capacity, head_dim]`,
-    /// contiguous) and their capacity, once anything was appended to it.
-    pub(crate) fn buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor, usize)> {
-        self.layers[layer]
-            .as_ref()
-            .map(|cache| (&cache.keys, &cache.values, cache.capacity))
+    /// Every position of `layer` appended so far (`[positions, kv_heads,
+    /// head_dim]` flattened): keys, then values.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let (keys, values) = &self.layers[layer];
+        (keys, values)
+    }
+
+    /// `layer`'s keys and values as `[kv_heads, positions, head_dim]`
+    /// tensors on `device`, for attention through candle.
+    pub fn tensors(
+        &self,
+        layer: usize,
+        kv_heads: usize,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (keys, values) = self.layer(layer);
+        let positions = keys.len() / self.position_width;
+        let head_dim = self.position_width / kv_heads;
+        let view = |data: &[f32]| {
+            Tensor::from_slice(data, (positions, kv_heads, head_dim), device)?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        Ok((view(keys)?, view(values)?))
     }
 
     /// Marks `n` more positions as filled once every layer has appended them.
@@ -95,30 +83,47 @@ impl SequenceCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
-    fn appends_across_growth_keep_every_position() {
-        let device = Device::Cpu;
-        let mut cache = SequenceCache::new(1);
+    fn appends_keep_every_position_in_order() {
+        let mut cache = SequenceCache::new(2, 2, 3);
         let mut expected = Vec::new();
         for step in 0..40u32 {
             let n = if step == 0 { 5 } else { 1 };
-            let values: Vec<f32> = (0..n * 2).map(|i| (step * 100 + i as u32) as f32).collect();
+            let values: Vec<f32> = (0..n * 6).map(|i| (step * 100 + i as u32) as f32).collect();
             expected.extend(values.iter().copied());
-            let new = Tensor::from_vec(values, (1, n, 2), &device).unwrap();
-            let (keys, vals) = cache.append(0, &new, &new).unwrap();
+            for layer in 0..2 {
+                cache.append(layer, &values, &values);
+            }
             cache.advance(n);
-            assert_eq!(keys.dims(), &[1, cache.len(), 2]);
-            assert_eq!(
-                keys.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                expected
-            );
-            assert_eq!(
-                vals.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                expected
-            );
+            let (keys, vals) = cache.layer(1);
+            assert_eq!(keys, expected.as_slice());
+            assert_eq!(vals, expected.as_slice());
         }
         assert_eq!(cache.len(), 44);
+        let (keys, _) = cache.tensors(0, 2, &Device::Cpu).unwrap();
+        assert_eq!(keys.dims(), &[2, 44, 3]);
+        // kv head 1 of position 0 is the second triple of the first step.
+        assert_eq!(
+            keys.get(1)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![3.0, 4.0, 5.0]
+        );
+    }
+
+    #[test]
+    fn a_failed_step_leaves_nothing_behind() {
+        let mut cache = SequenceCache::new(1, 1, 1);
+        cache.append(0, &[1.0], &[1.0]);
+        cache.advance(1);
+        // A step appends position 1, fails before `advance`, then retries.
+        cache.append(0, &[9.0], &[9.0]);
+        cache.append(0, &[2.0], &[2.0]);
+        cache.advance(1);
+        assert_eq!(cache.layer(0).0, &[1.0, 2.0]);
     }
 }
