@@ -34,25 +34,36 @@ mod tests {
     }
 }
 
-/// Fixes the CPU compute threads (candle's gemm and its rayon pool) before
-/// any thread starts. Without `RAYON_NUM_THREADS`, candle works the count
-/// out again on every matrix product by reading /proc/cpuinfo, which cost
-/// about 6% of a decode step here. An explicit value is kept: the launcher
-/// gives each expert process one thread so 17 processes do not fight over
-/// the cores.
+/// Fixes the CPU compute threads before any thread starts, and returns the
+/// number of matrix-product threads.
+///
+/// - `RAYON_NUM_THREADS` (gemm's threads): without it, candle works the
+///   count out again on every matrix product by reading /proc/cpuinfo,
+///   about 6% of a decode step here. Unset, it becomes the CPUs this
+///   process may use; the launcher gives each expert process 1 so that 17
+///   processes do not fight over the cores.
+/// - `CANDLE_NUM_THREADS` (candle's pool for element-wise operations):
+///   unset, it becomes 1. The pool's workers spin for a while after each
+///   operation, and a step is many small operations: on a machine shared
+///   with the expert processes that spinning took a core from them, for
+///   operations too small to gain from a second thread.
 ///
 /// Call it first thing in `main`, while the process has one thread.
 pub fn pin_compute_threads() -> usize {
-    if let Some(threads) = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|value| value.parse::<usize>().ok())
-        .filter(|&threads| threads > 0)
-    {
-        return threads;
-    }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let positive = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|value| value.parse::<usize>().ok())
+            .filter(|&threads| threads > 0)
+    };
+    let threads = positive("RAYON_NUM_THREADS")
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let elementwise = positive("CANDLE_NUM_THREADS").unwrap_or(1);
     // SAFETY: called before the process starts any other thread, so nothing
     // reads the environment concurrently.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", elementwise.to_string());
+    }
     threads
 }
