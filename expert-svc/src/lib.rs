@@ -11,6 +11,7 @@ mod device_actor;
 mod error;
 mod server;
 mod service;
+mod skinny_matmul;
 mod weights;
 
 pub use config::{Args, Config, parse_layers};

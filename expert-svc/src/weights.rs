@@ -3,8 +3,10 @@
 
 use std::ops::Range;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use moe_model::{Checkpoint, ModelError, layout};
+
+use crate::skinny_matmul::{self, skinny_matmul};
 
 /// Kept as `[in, out]` (the checkpoint's `[out, in]` transposed once, at
 /// load): `x.matmul(w)` then streams the weights in order, which on CPU is
@@ -23,6 +25,9 @@ pub struct ExpertWeights {
     layers: Range<usize>,
     intermediate_size: usize,
     weights: Vec<LayerWeights>,
+    /// Few-row products go through [`skinny_matmul`]: f32 weights on a CPU
+    /// that has its instructions.
+    skinny: bool,
 }
 
 impl ExpertWeights {
@@ -48,7 +53,7 @@ impl ExpertWeights {
             )));
         }
         checkpoint.verify(&layout::expert_tensors(config, expert, layers.clone()))?;
-        let weights = layers
+        let weights: Vec<LayerWeights> = layers
             .clone()
             .map(|layer| {
                 let load = |matrix| checkpoint.load(&layout::expert(layer, expert, matrix), device);
@@ -60,11 +65,15 @@ impl ExpertWeights {
                 })
             })
             .collect::<Result<_, ModelError>>()?;
+        let skinny = device.is_cpu()
+            && skinny_matmul::available()
+            && weights.iter().all(|w| w.gate_up.dtype() == DType::F32);
         Ok(Self {
             expert,
             layers,
             intermediate_size: config.intermediate_size,
             weights,
+            skinny,
         })
     }
 
@@ -84,9 +93,44 @@ impl ExpertWeights {
     /// `layer` must be one of [`ExpertWeights::layers`].
     pub fn forward(&self, layer: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let weights = &self.weights[layer - self.layers.start];
+        if self.skinny && x.dim(0)? <= skinny_matmul::MAX_ROWS && x.dtype() == DType::F32 {
+            return self.forward_skinny(weights, x);
+        }
         let gate_up = x.matmul(&weights.gate_up)?;
         let gate = gate_up.narrow(1, 0, self.intermediate_size)?;
         let up = gate_up.narrow(1, self.intermediate_size, self.intermediate_size)?;
         (gate.silu()? * up)?.matmul(&weights.down)
+    }
+
+    /// The same SwiGLU for a few rows, streaming each weight matrix once.
+    fn forward_skinny(&self, weights: &LayerWeights, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (rows, hidden) = x.dims2()?;
+        let width = self.intermediate_size;
+        let input = x.flatten_all()?.to_vec1::<f32>()?;
+        let gate_up = with_f32_slice(&weights.gate_up, |w| {
+            skinny_matmul(&input, rows, w, 2 * width)
+        })?;
+        let activated: Vec<f32> = gate_up
+            .chunks_exact(2 * width)
+            .flat_map(|row| {
+                let (gate, up) = row.split_at(width);
+                gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            })
+            .collect();
+        let output = with_f32_slice(&weights.down, |w| {
+            skinny_matmul(&activated, rows, w, hidden)
+        })?;
+        Tensor::from_vec(output, (rows, hidden), x.device())
+    }
+}
+
+/// Runs `f` on a contiguous f32 CPU tensor's elements.
+fn with_f32_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = tensor.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((start, end))) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
+        _ => Err(candle_core::Error::Msg(
+            "expected a contiguous f32 tensor on CPU".into(),
+        )),
     }
 }
