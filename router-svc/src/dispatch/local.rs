@@ -1,6 +1,13 @@
 //! The in-process mode: every expert's kernels in the router's own process,
 //! no network. The reference the distributed mode is tested and benchmarked
 //! against.
+//!
+//! A layer's expert products run in parallel on the compute pool (one
+//! expert per thread at a time, as one expert process would), rather than
+//! one after another on the scheduler's thread: few-row products are
+//! single-threaded, so running them in turn would leave cores idle.
+
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use expert_svc::ExpertWeights;
@@ -10,7 +17,7 @@ use super::ExpertBackend;
 use crate::RouterError;
 
 pub struct LocalExperts {
-    experts: Vec<ExpertWeights>,
+    experts: Arc<Vec<ExpertWeights>>,
 }
 
 impl LocalExperts {
@@ -21,12 +28,22 @@ impl LocalExperts {
                 ExpertWeights::load(checkpoint, expert, 0..config.num_hidden_layers, device)
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { experts })
+        Ok(Self {
+            experts: Arc::new(experts),
+        })
     }
 }
 
 impl ExpertBackend for LocalExperts {
     async fn run(&self, expert: usize, layer: usize, rows: Tensor) -> Result<Tensor, RouterError> {
-        Ok(self.experts[expert].forward(layer, &rows)?)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let experts = self.experts.clone();
+        rayon::spawn(move || {
+            let _ = reply.send(experts[expert].forward(layer, &rows));
+        });
+        let output = answer
+            .await
+            .map_err(|_| RouterError::Internal("an expert product panicked".into()))?;
+        Ok(output?)
     }
 }
