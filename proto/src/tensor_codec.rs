@@ -1,9 +1,13 @@
 //! Tensors on the wire: a dtype, a shape and the raw little-endian bytes.
 //!
-//! Encoding is one copy of the tensor's memory into a `Bytes`; decoding is
-//! one copy out of it into candle's storage (`Tensor::from_raw_buffer`). No
-//! value is converted one by one unless the wire dtype differs from the
-//! compute dtype, which is the point of offering bf16/f16 on the wire.
+//! Two forms. Tensors: encoding is one copy of the tensor's memory into a
+//! `Bytes`, decoding one copy out of it into candle's storage
+//! (`Tensor::from_raw_buffer`). Row buffers (what the router's dispatch
+//! gathers per expert): an f32 buffer becomes the message's bytes with no
+//! copy at all (`Bytes::from_owner`), and decoding is one copy into an f32
+//! buffer. No value is converted one by one unless the wire dtype differs
+//! from the compute dtype, which is the point of offering bf16/f16 on the
+//! wire.
 
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
@@ -115,6 +119,57 @@ fn bytes_of<T: bytemuck::Pod>(values: &[T]) -> Bytes {
     Bytes::copy_from_slice(bytemuck::cast_slice(values))
 }
 
+/// A buffer of plain values lent to `Bytes` as its bytes.
+struct PodBytes<T>(Vec<T>);
+
+impl<T: bytemuck::Pod> AsRef<[u8]> for PodBytes<T> {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+fn owned_bytes<T: bytemuck::Pod + Send + 'static>(values: Vec<T>) -> Bytes {
+    Bytes::from_owner(PodBytes(values))
+}
+
+/// Encodes `values`, `[rows, width]` row-major, as `dtype`: as f32 the
+/// buffer itself becomes the message's bytes.
+pub fn encode_rows(values: Vec<f32>, width: usize, dtype: WireDType) -> v1::Tensor {
+    let rows = values.len().checked_div(width).unwrap_or(0);
+    let data = match dtype {
+        WireDType::F32 => owned_bytes(values),
+        WireDType::BF16 => owned_bytes(values.into_iter().map(half::bf16::from_f32).collect()),
+        WireDType::F16 => owned_bytes(values.into_iter().map(half::f16::from_f32).collect()),
+    };
+    v1::Tensor {
+        dtype: dtype.proto() as i32,
+        shape: vec![rows as u64, width as u64],
+        data,
+    }
+}
+
+/// Decodes a `[rows, width]` tensor into an f32 buffer (row-major), after
+/// the same checks as [`decode_rows`]. Returns the row count too.
+pub fn decode_rows_f32(
+    message: Option<&v1::Tensor>,
+    width: usize,
+) -> Result<(Vec<f32>, usize), CodecError> {
+    let (rows, dtype, message) = check_rows(message, width)?;
+    // `Bytes` promises no alignment, so values are read, not reinterpreted.
+    let values = match dtype {
+        WireDType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&message.data),
+        WireDType::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(&message.data)
+            .into_iter()
+            .map(half::bf16::to_f32)
+            .collect(),
+        WireDType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(&message.data)
+            .into_iter()
+            .map(half::f16::to_f32)
+            .collect(),
+    };
+    Ok((values, rows))
+}
+
 /// Decodes a `[rows, width]` tensor into f32 on `device`, after checking its
 /// dtype, rank, width and byte length. Returns the wire dtype too, so that a
 /// server can answer in the dtype it was asked in.
@@ -123,19 +178,29 @@ pub fn decode_rows(
     width: usize,
     device: &Device,
 ) -> Result<(Tensor, WireDType), CodecError> {
+    let (rows, dtype, message) = check_rows(message, width)?;
+    let tensor = Tensor::from_raw_buffer(&message.data, dtype.candle(), &[rows, width], device)?
+        .to_dtype(DType::F32)?;
+    Ok((tensor, dtype))
+}
+
+/// Checks a `[rows, width]` tensor's dtype, rank, width and byte length;
+/// returns its rows and dtype.
+fn check_rows(
+    message: Option<&v1::Tensor>,
+    width: usize,
+) -> Result<(usize, WireDType, &v1::Tensor), CodecError> {
     let message = message.ok_or(CodecError::Missing)?;
     let dtype = WireDType::from_proto(message.dtype)?;
+    let shape_error = || CodecError::Shape {
+        shape: message.shape.clone(),
+        width,
+    };
     let [rows, got_width] = message.shape[..] else {
-        return Err(CodecError::Shape {
-            shape: message.shape.clone(),
-            width,
-        });
+        return Err(shape_error());
     };
     if got_width != width as u64 {
-        return Err(CodecError::Shape {
-            shape: message.shape.clone(),
-            width,
-        });
+        return Err(shape_error());
     }
     let expected = rows
         .checked_mul(got_width)
@@ -148,14 +213,7 @@ pub fn decode_rows(
             actual: message.data.len(),
         });
     }
-    let tensor = Tensor::from_raw_buffer(
-        &message.data,
-        dtype.candle(),
-        &[rows as usize, width],
-        device,
-    )?
-    .to_dtype(DType::F32)?;
-    Ok((tensor, dtype))
+    Ok((rows as usize, dtype, message))
 }
 
 #[cfg(test)]
@@ -226,5 +284,36 @@ mod tests {
             decode_rows(Some(&huge), 4, &Device::Cpu),
             Err(CodecError::ByteLength { .. })
         ));
+    }
+
+    #[test]
+    fn row_buffers_round_trip_and_match_the_tensor_form() {
+        let values: Vec<f32> = (0..3 * 8).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let message = encode_rows(values.clone(), 8, WireDType::F32);
+        assert_eq!(message, encode(&sample(3, 8), WireDType::F32).unwrap());
+        let (back, rows) = decode_rows_f32(Some(&message), 8).unwrap();
+        assert_eq!((back, rows), (values.clone(), 3));
+
+        let half = encode_rows(values.clone(), 8, WireDType::BF16);
+        assert_eq!(half.data.len(), 3 * 8 * 2);
+        let (back, _) = decode_rows_f32(Some(&half), 8).unwrap();
+        assert!(back.iter().zip(&values).all(|(b, v)| (b - v).abs() < 0.02));
+
+        let err = decode_rows_f32(Some(&message), 5).unwrap_err();
+        assert!(err.to_string().contains("must be [rows, 5]"), "{err}");
+    }
+
+    /// Bytes sliced at an odd offset are still read correctly.
+    #[test]
+    fn unaligned_bytes_decode() {
+        let values = [1.5f32, -2.25];
+        let mut raw = vec![0u8];
+        raw.extend_from_slice(bytemuck::cast_slice(&values));
+        let message = v1::Tensor {
+            dtype: v1::DType::DtypeF32 as i32,
+            shape: vec![1, 2],
+            data: Bytes::from(raw).slice(1..),
+        };
+        assert_eq!(decode_rows_f32(Some(&message), 2).unwrap().0, values);
     }
 }

@@ -18,6 +18,8 @@ use crate::RouterError;
 
 pub struct LocalExperts {
     experts: Arc<Vec<ExpertWeights>>,
+    hidden_size: usize,
+    device: Device,
 }
 
 impl LocalExperts {
@@ -30,16 +32,28 @@ impl LocalExperts {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             experts: Arc::new(experts),
+            hidden_size: config.hidden_size,
+            device: device.clone(),
         })
     }
 }
 
 impl ExpertBackend for LocalExperts {
-    async fn run(&self, expert: usize, layer: usize, rows: Tensor) -> Result<Tensor, RouterError> {
+    async fn run(
+        &self,
+        expert: usize,
+        layer: usize,
+        rows: Vec<f32>,
+    ) -> Result<Vec<f32>, RouterError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let experts = self.experts.clone();
+        let shape = (rows.len() / self.hidden_size, self.hidden_size);
+        let device = self.device.clone();
         rayon::spawn(move || {
-            let _ = reply.send(experts[expert].forward(layer, &rows));
+            let output = Tensor::from_vec(rows, shape, &device)
+                .and_then(|rows| experts[expert].forward(layer, &rows))
+                .and_then(|output| output.flatten_all()?.to_vec1::<f32>());
+            let _ = reply.send(output);
         });
         let output = answer
             .await

@@ -23,13 +23,13 @@ pub use remote::{DispatchSettings, EndpointClient, RemoteExperts};
 
 /// Runs one expert on a batch of rows.
 pub trait ExpertBackend: Send + Sync {
-    /// `rows` is `[n, hidden]`; the answer must be `[n, hidden]`.
+    /// `rows` is `[n, hidden]`, row-major; the answer must be too.
     fn run(
         &self,
         expert: usize,
         layer: usize,
-        rows: Tensor,
-    ) -> impl Future<Output = Result<Tensor, RouterError>> + Send;
+        rows: Vec<f32>,
+    ) -> impl Future<Output = Result<Vec<f32>, RouterError>> + Send;
 }
 
 /// Gate + dispatch + combine over a backend.
@@ -52,6 +52,9 @@ impl<B: ExpertBackend> MoeDispatcher<B> {
 impl<B: ExpertBackend> MoeLayer for MoeDispatcher<B> {
     type Error = RouterError;
 
+    /// Gathers each expert's rows straight into the buffer that goes on the
+    /// wire (or to the local kernel), and sums the weighted answers straight
+    /// out of theirs: one copy each way, no tensor per expert.
     async fn forward(&self, layer: usize, hidden: &Tensor) -> Result<Tensor, RouterError> {
         let routed = self.gate.route(layer, hidden)?;
         self.stats.record_dispatch(
@@ -59,23 +62,49 @@ impl<B: ExpertBackend> MoeLayer for MoeDispatcher<B> {
                 .iter()
                 .map(|expert_rows| (expert_rows.expert, expert_rows.rows.len())),
         );
-        let device = hidden.device();
+        let (rows, width) = hidden.dims2()?;
+        let values = hidden.flatten_all()?.to_vec1::<f32>()?;
         let calls = routed.iter().map(|expert_rows| {
-            let indices = Tensor::new(expert_rows.rows.as_slice(), device);
-            async move {
-                let indices = indices?;
-                let input = hidden.index_select(&indices, 0)?;
-                let output = self.backend.run(expert_rows.expert, layer, input).await?;
-                let weights = Tensor::new(expert_rows.weights.as_slice(), device)?.unsqueeze(1)?;
-                Ok::<_, RouterError>((indices, output.broadcast_mul(&weights)?))
-            }
+            let gathered = gather_rows(&values, width, &expert_rows.rows);
+            self.backend.run(expert_rows.expert, layer, gathered)
         });
         let outputs = try_join_all(calls).await?;
-        // Summed in expert order, as the reference does.
-        let mut combined = hidden.zeros_like()?;
-        for (indices, weighted) in outputs {
-            combined = combined.index_add(&indices, &weighted, 0)?;
+        // Summed in expert order, each answer scaled then added, as the
+        // reference does.
+        let mut combined = vec![0f32; rows * width];
+        for (expert_rows, output) in routed.iter().zip(&outputs) {
+            if output.len() != expert_rows.rows.len() * width {
+                return Err(RouterError::Internal(format!(
+                    "expert {} answered {} values for {} rows of {width}",
+                    expert_rows.expert,
+                    output.len(),
+                    expert_rows.rows.len()
+                )));
+            }
+            let answers = output.chunks_exact(width);
+            for ((&row, &weight), answer) in expert_rows
+                .rows
+                .iter()
+                .zip(&expert_rows.weights)
+                .zip(answers)
+            {
+                let row = row as usize;
+                let target = &mut combined[row * width..(row + 1) * width];
+                for (sum, value) in target.iter_mut().zip(answer) {
+                    *sum += weight * value;
+                }
+            }
         }
-        Ok(combined)
+        Ok(Tensor::from_vec(combined, (rows, width), hidden.device())?)
     }
+}
+
+/// The listed rows of a row-major `[_, width]` buffer, in order.
+fn gather_rows(values: &[f32], width: usize, rows: &[u32]) -> Vec<f32> {
+    let mut gathered = Vec::with_capacity(rows.len() * width);
+    for &row in rows {
+        let row = row as usize;
+        gathered.extend_from_slice(&values[row * width..(row + 1) * width]);
+    }
+    gathered
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use candle_core::Tensor;
 use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::expert_result::Result as Answer;
 use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertBatch, ExpertResult};
@@ -101,11 +100,12 @@ impl EndpointClient {
         }
     }
 
-    /// Sends `rows` (`[n, hidden]`) of `layer` and waits for the answer.
-    pub async fn forward(&self, layer: usize, rows: &Tensor) -> Result<Tensor, RouterError> {
-        let expected_rows = rows.dim(0)?;
-        let hidden = tensor_codec::encode(rows, self.settings.wire_dtype)
-            .map_err(|err| RouterError::Internal(err.to_string()))?;
+    /// Sends `rows` (`[n, hidden]`, row-major) of `layer` and waits for the
+    /// answer, of the same shape.
+    pub async fn forward(&self, layer: usize, rows: Vec<f32>) -> Result<Vec<f32>, RouterError> {
+        let width = self.settings.hidden_size;
+        let expected_rows = rows.len() / width;
+        let hidden = tensor_codec::encode_rows(rows, width, self.settings.wire_dtype);
         let (reply, answer) = oneshot::channel();
         self.calls
             .try_send(Call {
@@ -130,16 +130,14 @@ impl EndpointClient {
                 )));
             }
         };
-        let (output, _) =
-            tensor_codec::decode_rows(Some(&output), self.settings.hidden_size, rows.device())
-                .map_err(|err| {
-                    RouterError::Internal(format!("{} answered a bad tensor: {err}", self.label))
-                })?;
-        if output.dim(0)? != expected_rows {
+        let (output, answered_rows) =
+            tensor_codec::decode_rows_f32(Some(&output), width).map_err(|err| {
+                RouterError::Internal(format!("{} answered a bad tensor: {err}", self.label))
+            })?;
+        if answered_rows != expected_rows {
             return Err(RouterError::Internal(format!(
-                "{} answered {} rows for {expected_rows}",
-                self.label,
-                output.dim(0)?
+                "{} answered {answered_rows} rows for {expected_rows}",
+                self.label
             )));
         }
         Ok(output)
@@ -297,12 +295,17 @@ impl RemoteExperts {
 }
 
 impl ExpertBackend for RemoteExperts {
-    async fn run(&self, expert: usize, layer: usize, rows: Tensor) -> Result<Tensor, RouterError> {
+    async fn run(
+        &self,
+        expert: usize,
+        layer: usize,
+        rows: Vec<f32>,
+    ) -> Result<Vec<f32>, RouterError> {
         let endpoint = self.pick(expert, layer).ok_or_else(|| {
             RouterError::ExpertUnavailable(format!(
                 "no endpoint serves expert {expert} at layer {layer}"
             ))
         })?;
-        endpoint.forward(layer, &rows).await
+        endpoint.forward(layer, rows).await
     }
 }
