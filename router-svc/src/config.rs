@@ -39,6 +39,12 @@ pub struct Args {
     /// Tokens per step at most (decodes plus prompt chunks).
     #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 1024)]
     pub max_batch_tokens: usize,
+    /// Steps of at least this many tokens run as two micro-batches, one's
+    /// attention overlapping the other's experts; 0 never splits. Decode-only
+    /// steps are usually below it: splitting them would read every expert's
+    /// weights twice.
+    #[arg(long, env = "MOE_PIPELINE_MIN_TOKENS", default_value_t = 256)]
+    pub pipeline_min_tokens: usize,
     /// Sequences running at once at most.
     #[arg(long, env = "MOE_MAX_RUNNING", default_value_t = 128)]
     pub max_running: usize,
@@ -116,6 +122,7 @@ impl TryFrom<Args> for Config {
             device: args.device,
             scheduler: SchedulerConfig {
                 max_batch_tokens: args.max_batch_tokens,
+                pipeline_min_tokens: args.pipeline_min_tokens,
                 max_running: args.max_running,
                 queue_capacity: args.queue_capacity,
             },

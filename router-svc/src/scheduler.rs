@@ -5,6 +5,11 @@
 //! for each running sequence, then prompt chunks under a token budget. A
 //! request that arrives while others run joins at the next step; a finished
 //! or cancelled one leaves, and dropping it frees its KV cache.
+//!
+//! A large step runs as two micro-batches driven together (MegaScale-Infer's
+//! ping-pong): while one waits for its experts, the other's attention runs
+//! on this thread, so neither the router nor the experts sit idle for a
+//! whole phase.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -46,6 +51,9 @@ pub struct GenerationRequest {
 pub struct SchedulerConfig {
     /// Tokens (decode tokens plus prompt tokens) in one step at most.
     pub max_batch_tokens: usize,
+    /// Steps of at least this many tokens run as two micro-batches; 0 never
+    /// splits.
+    pub pipeline_min_tokens: usize,
     /// Sequences running at once at most; more wait in the queue.
     pub max_running: usize,
     /// Requests waiting for admission at most; more are refused.
@@ -56,6 +64,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             max_batch_tokens: 1024,
+            pipeline_min_tokens: 256,
             max_running: 128,
             queue_capacity: 1024,
         }
@@ -253,12 +262,16 @@ impl Scheduler {
                 });
             }
         }
-        let result = self.engine.step(&mut chunks, moe).await;
+        let result = run_micro_batches(
+            &self.engine,
+            &mut chunks,
+            rows,
+            self.config.pipeline_min_tokens,
+            moe,
+        )
+        .await;
         drop(chunks);
-        let logits = match result
-            .map_err(RouterError::from)
-            .and_then(|l| Ok(l.to_vec2::<f32>()?))
-        {
+        let logits = match result {
             Ok(logits) => logits,
             Err(err) => {
                 tracing::warn!(%err, sequences = plan.len(), "step failed; ending its sequences");
@@ -295,5 +308,103 @@ impl Scheduler {
                 sequence.done = true;
             }
         }
+    }
+}
+
+/// Runs `chunks` as one batch, or, from `min_tokens` tokens on, as two
+/// micro-batches of about half the tokens each, polled together on this
+/// thread. Returns each chunk's logits, in order.
+async fn run_micro_batches<M: MoeLayer<Error = RouterError>>(
+    engine: &Engine,
+    chunks: &mut [SequenceChunk<'_>],
+    rows: usize,
+    min_tokens: usize,
+    moe: &M,
+) -> Result<Vec<Vec<f32>>, RouterError> {
+    let logits = |tensor: candle_core::Tensor| -> Result<Vec<Vec<f32>>, RouterError> {
+        Ok(tensor.to_vec2::<f32>()?)
+    };
+    let split = split_point(chunks, rows, min_tokens);
+    if split == 0 {
+        return logits(engine.step(chunks, moe).await?);
+    }
+    let (first, second) = chunks.split_at_mut(split);
+    let (first, second) = futures::join!(engine.step(first, moe), engine.step(second, moe));
+    let mut all = logits(first?)?;
+    all.extend(logits(second?)?);
+    Ok(all)
+}
+
+/// Where to cut `chunks` into two micro-batches of about `rows / 2` tokens
+/// each, or 0 to run them as one: below `min_tokens` (0 disables), or when
+/// no cut between chunks leaves each side a quarter of the tokens.
+fn split_point(chunks: &[SequenceChunk<'_>], rows: usize, min_tokens: usize) -> usize {
+    if min_tokens == 0 || rows < min_tokens || chunks.len() < 2 {
+        return 0;
+    }
+    let half = rows / 2;
+    let mut before = 0;
+    for (index, chunk) in chunks.iter().enumerate() {
+        let after = before + chunk.tokens.len();
+        if after >= half {
+            // Cut before this chunk or after it, whichever is more even.
+            let (cut, first) = if after - half <= half - before {
+                (index + 1, after)
+            } else {
+                (index, before)
+            };
+            // A micro-batch of under a quarter of the tokens overlaps too
+            // little to pay for the second pass over the experts.
+            let smaller = first.min(rows - first);
+            return if smaller * 4 < rows { 0 } else { cut };
+        }
+        before = after;
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use attention_svc::SequenceCache;
+
+    use super::*;
+
+    fn split_of(lengths: &[usize], min_tokens: usize) -> usize {
+        let tokens: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![0; n]).collect();
+        let mut caches: Vec<SequenceCache> = lengths
+            .iter()
+            .map(|_| SequenceCache::new(1, 1, 1))
+            .collect();
+        let chunks: Vec<SequenceChunk<'_>> = caches
+            .iter_mut()
+            .zip(&tokens)
+            .map(|(cache, tokens)| SequenceChunk { cache, tokens })
+            .collect();
+        split_point(&chunks, lengths.iter().sum(), min_tokens)
+    }
+
+    #[test]
+    fn small_steps_and_single_chunks_are_not_split() {
+        assert_eq!(split_of(&[1; 32], 256), 0);
+        assert_eq!(split_of(&[300], 256), 0);
+        assert_eq!(split_of(&[200, 200], 0), 0);
+    }
+
+    #[test]
+    fn large_steps_split_near_half_the_tokens() {
+        assert_eq!(split_of(&[200, 200], 256), 1);
+        assert_eq!(split_of(&[1, 1, 1, 1, 500, 500], 256), 5);
+        // Decodes first, then two prompt chunks.
+        let mut lengths = vec![1; 32];
+        lengths.extend([128, 128, 128, 128, 128, 128, 128, 96]);
+        let cut = split_of(&lengths, 256);
+        let first: usize = lengths[..cut].iter().sum();
+        let total: usize = lengths.iter().sum();
+        assert!(
+            (first as i64 - total as i64 / 2).abs() <= 64,
+            "{first} of {total}"
+        );
+        // One chunk holds nearly everything: no useful split.
+        assert_eq!(split_of(&[1, 1000], 256), 0);
     }
 }
