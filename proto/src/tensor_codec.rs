@@ -102,11 +102,16 @@ impl std::str::FromStr for WireDType {
 /// keeping its shape.
 pub fn encode(tensor: &Tensor, dtype: WireDType) -> Result<v1::Tensor, CodecError> {
     let shape = tensor.dims().iter().map(|&d| d as u64).collect();
-    let flat = tensor.to_dtype(dtype.candle())?.flatten_all()?;
-    let data = match dtype {
-        WireDType::F32 => bytes_of(&flat.to_vec1::<f32>()?),
-        WireDType::BF16 => bytes_of(&flat.to_vec1::<half::bf16>()?),
-        WireDType::F16 => bytes_of(&flat.to_vec1::<half::f16>()?),
+    let flat = tensor.flatten_all()?;
+    // From f32 (what every service computes in), one copy out of candle's
+    // storage, then the row-buffer path: candle's own dtype conversion and
+    // the copy into `Bytes` cost 1.7 ms for 2 MiB (`cargo bench -p
+    // moe-proto`), the copy alone 45 µs.
+    let data = match (flat.dtype(), dtype) {
+        (DType::F32, _) => encode_rows(flat.to_vec1::<f32>()?, 1, dtype).data,
+        (_, WireDType::F32) => bytes_of(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        (_, WireDType::BF16) => bytes_of(&flat.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?),
+        (_, WireDType::F16) => bytes_of(&flat.to_dtype(DType::F16)?.to_vec1::<half::f16>()?),
     };
     Ok(v1::Tensor {
         dtype: dtype.proto() as i32,

@@ -27,15 +27,19 @@ impl Gate {
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, ModelError> {
         let config = checkpoint.config();
         let weights = (0..config.num_hidden_layers)
-            .map(|layer| {
-                let weight = checkpoint.load(&layout::gate(layer), device)?;
-                Ok(weight.t()?.contiguous()?)
-            })
+            .map(|layer| checkpoint.load(&layout::gate(layer), device))
             .collect::<Result<_, ModelError>>()?;
-        Ok(Self {
-            weights,
-            top_k: config.num_experts_per_tok,
-        })
+        Ok(Self::new(weights, config.num_experts_per_tok)?)
+    }
+
+    /// A gate from each layer's `[num_experts, hidden]` weight, as a
+    /// checkpoint stores it.
+    pub fn new(weights: Vec<Tensor>, top_k: usize) -> candle_core::Result<Self> {
+        let weights = weights
+            .into_iter()
+            .map(|weight| weight.t()?.contiguous())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { weights, top_k })
     }
 
     /// Routes every row of `hidden` (`[rows, hidden_size]`) at `layer`.
