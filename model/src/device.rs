@@ -21,19 +21,6 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_cpu_and_refuses_nonsense() {
-        assert!(parse_device("cpu").unwrap().is_cpu());
-        let err = parse_device("tpu").unwrap_err().to_string();
-        assert!(err.contains("expected cpu or cuda:N"), "{err}");
-        assert!(parse_device("cuda:x").is_err());
-    }
-}
-
 /// Fixes the CPU compute threads before any thread starts, and returns the
 /// number of matrix-product threads.
 ///
@@ -66,4 +53,17 @@ pub fn pin_compute_threads() -> usize {
         std::env::set_var("CANDLE_NUM_THREADS", elementwise.to_string());
     }
     threads
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_refuses_nonsense() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        let err = parse_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("expected cpu or cuda:N"), "{err}");
+        assert!(parse_device("cuda:x").is_err());
+    }
 }
