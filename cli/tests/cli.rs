@@ -76,3 +76,63 @@ fn generate_reports_a_refusal_and_fails() {
     assert!(!output.status.success());
     assert!(!output.stderr.is_empty());
 }
+
+/// `moe bench --model DIR --compare-local --json`: both modes run the whole
+/// workload, the counts add up, and the router's counters show one message
+/// per expert per layer per micro-batch.
+#[test]
+fn bench_compares_distributed_with_in_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    assert!(moe().arg("init").arg(&model).status().unwrap().success());
+    let output = moe()
+        .arg("bench")
+        .arg("--model")
+        .arg(&model)
+        .args(["--compare-local", "--json", "--concurrency", "3"])
+        .args([
+            "--requests",
+            "5",
+            "--prompt-tokens",
+            "20",
+            "--max-tokens",
+            "7",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON object");
+    assert_eq!(report["workload"]["requests"], 5);
+    let runs = report["runs"].as_array().unwrap();
+    let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["distributed", "local"]);
+    for run in runs {
+        assert_eq!(run["requests_ok"], 5, "{run}");
+        assert_eq!(run["requests_failed"], 0, "{run}");
+        // ignore_eos: every request produces exactly max_tokens.
+        assert_eq!(run["output_tokens"], 35, "{run}");
+        assert!(run["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(run["ttft"]["p50_ms"].as_f64().unwrap() > 0.0);
+        assert!(run["itl"]["p99_ms"].as_f64().unwrap() >= run["itl"]["p50_ms"].as_f64().unwrap());
+        let utilisation = run["utilisation"].as_f64().unwrap();
+        assert!(utilisation > 0.0 && utilisation < 1.0, "{run}");
+    }
+    let wire = &runs[0]["wire"];
+    assert_eq!(wire["dtype"], "f32");
+    assert_eq!(wire["messages_per_step"], wire["message_bound_per_step"]);
+    let overhead = wire["overhead"].as_f64().unwrap();
+    // Each message carries ~25 bytes besides its rows; at this tiny width
+    // (64 values, one or two rows per message) that is still under 10%.
+    assert!((0.0..0.10).contains(&overhead), "{wire}");
+    assert!(runs[1].get("wire").is_none(), "no wire in-process");
+    let ratio = report["ratio"].as_f64().unwrap();
+    let expected = runs[0]["output_tokens_per_s"].as_f64().unwrap()
+        / runs[1]["output_tokens_per_s"].as_f64().unwrap();
+    assert!((ratio - expected).abs() < 1e-9);
+    assert!(report["matmul_peak"]["flops_per_s"].as_f64().unwrap() > 0.0);
+}
