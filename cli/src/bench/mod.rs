@@ -80,6 +80,18 @@ impl WireReport {
     }
 }
 
+/// One short request, so that a run measures serving rather than opening
+/// connections and streams (or a server's lazy first-request work).
+pub async fn warm_up<T: Target>(target: &T, prompts: &[Prompt]) -> anyhow::Result<()> {
+    if let Some(first) = prompts.first() {
+        target
+            .generate(first, 2, &mut |_| {})
+            .await
+            .map_err(|err| anyhow::anyhow!("warm-up request failed: {err}"))?;
+    }
+    Ok(())
+}
+
 /// Runs `workload` against `target`, with a progress bar on stderr.
 pub async fn run<T: Target>(
     mode: &str,
@@ -111,9 +123,8 @@ pub async fn run<T: Target>(
     }
 }
 
-/// Runs `workload` against a moe-serve router at `uri`, reading its
-/// counters before and after. One short request first opens every
-/// connection and stream, so the run measures serving, not connecting.
+/// Runs `workload` against a moe-serve router at `uri`, after a warm-up,
+/// reading its counters before and after.
 pub async fn run_grpc(
     uri: &str,
     workload: &Workload,
@@ -124,12 +135,7 @@ pub async fn run_grpc(
     let target = Grpc::connect(uri).await?;
     let mut client = target.client();
     let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
-    if let Some(first) = prompts.first() {
-        target
-            .generate(first, 2, &mut |_| {})
-            .await
-            .map_err(|err| anyhow::anyhow!("warm-up request failed: {err}"))?;
-    }
+    warm_up(&target, prompts).await?;
     let before = client.stats(StatsRequest {}).await?.into_inner();
     let mut report = run(&info.expert_mode, &target, workload, prompts, shape, peak).await;
     let after = client.stats(StatsRequest {}).await?.into_inner();

@@ -81,6 +81,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     if let Some(base) = &args.openai {
         let target = bench::OpenAi::new(base, &args.openai_model)?;
+        bench::warm_up(&target, &prompts).await?;
         runs.push(bench::run("openai", &target, &workload, &prompts, &shape, &peak).await);
     } else if let Some(addr) = &args.addr {
         runs.push(bench::run_grpc(addr, &workload, &prompts, &shape, &peak).await?);
