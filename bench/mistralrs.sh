@@ -32,7 +32,10 @@ MOE=./target/debug/moe
 [ -f "$MODEL/config.json" ] || "$MOE" init "$MODEL" --preset small
 
 # mistral.rs first, alone on the machine; it is stopped before moe-serve runs.
-"$MISTRALRS" serve --cpu --host 127.0.0.1 -p "$PORT" --max-seqs 64 \
+# Its prefix cache is off: moe-serve has none, and with it on mistral.rs
+# 0.8.1 panicked mid-run ("shape mismatch on dim 2, 512 <> 1024" in
+# kv_cache clone_in_cache), failing the requests in flight.
+"$MISTRALRS" serve --cpu --host 127.0.0.1 -p "$PORT" --max-seqs 64 --prefix-cache-n 0 \
     text -m "$MODEL" --dtype f32 > "$OUT/mistralrs.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT

@@ -31,12 +31,42 @@ pub struct Heads {
 /// consecutive slices of `output`.
 pub fn attend_decode_rows(rows: &[DecodeRow<'_>], shape: Heads, output: &mut [f32]) {
     let width = shape.heads * shape.head_dim;
+    let wide = has_avx2_fma();
     output
         .par_chunks_mut(width)
         .zip(rows.par_iter())
-        .for_each(|(out, row)| attend_one(row, shape, out));
+        .for_each(|(out, row)| {
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                unsafe { attend_one_avx2(row, shape, out) };
+                return;
+            }
+            let _ = wide;
+            attend_one(row, shape, out)
+        });
 }
 
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The same loops compiled for AVX2 and FMA: 8-wide where the portable
+/// build (baseline x86-64) is 4-wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_one_avx2(row: &DecodeRow<'_>, shape: Heads, out: &mut [f32]) {
+    attend_one(row, shape, out)
+}
+
+#[inline(always)]
 fn attend_one(row: &DecodeRow<'_>, shape: Heads, out: &mut [f32]) {
     let Heads {
         heads,
@@ -76,7 +106,7 @@ fn attend_one(row: &DecodeRow<'_>, shape: Heads, out: &mut [f32]) {
         for (&weight, value) in scores.iter().zip(values) {
             let weight = weight / total;
             for (o, v) in out.iter_mut().zip(value) {
-                *o += weight * v;
+                *o = weight.mul_add(*v, *o);
             }
         }
     }
@@ -84,6 +114,7 @@ fn attend_one(row: &DecodeRow<'_>, shape: Heads, out: &mut [f32]) {
 
 /// Eight independent partial sums, so the compiler keeps them in vector
 /// registers rather than serialising on one accumulator.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut partial = [0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -95,7 +126,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .sum();
     for (x, y) in a_chunks.zip(b_chunks) {
         for lane in 0..8 {
-            partial[lane] += x[lane] * y[lane];
+            partial[lane] = x[lane].mul_add(y[lane], partial[lane]);
         }
     }
     partial.iter().sum::<f32>() + tail
