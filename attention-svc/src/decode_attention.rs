@@ -31,7 +31,7 @@ pub struct Heads {
 /// consecutive slices of `output`.
 pub fn attend_decode_rows(rows: &[DecodeRow<'_>], shape: Heads, output: &mut [f32]) {
     let width = shape.heads * shape.head_dim;
-    let wide = has_avx2_fma();
+    let wide = moe_model::cpu_has_avx2_fma();
     output
         .par_chunks_mut(width)
         .zip(rows.par_iter())
@@ -45,17 +45,6 @@ pub fn attend_decode_rows(rows: &[DecodeRow<'_>], shape: Heads, output: &mut [f3
             let _ = wide;
             attend_one(row, shape, out)
         });
-}
-
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 /// The same loops compiled for AVX2 and FMA: 8-wide where the portable

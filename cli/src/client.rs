@@ -1,7 +1,7 @@
 //! A client of the public API: one Generate call, collected.
 
 use moe_proto::v1::inference_client::InferenceClient;
-use moe_proto::v1::{FinishReason, GenerateRequest};
+use moe_proto::v1::{FinishReason, GenerateRequest, GenerateResponse};
 use moe_proto::{MAX_MESSAGE_BYTES, transport};
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -40,22 +40,20 @@ pub fn finish_reason_name(raw: i32) -> String {
     .into()
 }
 
-/// Runs one Generate call to its end, handing each text delta to `on_text`
-/// as it arrives.
+/// Runs one Generate call to its end, handing each message to `on_message`
+/// as it arrives (to stream its text, or time its tokens).
 pub async fn generate(
     client: &mut InferenceClient<Channel>,
     request: GenerateRequest,
-    mut on_text: impl FnMut(&str),
+    mut on_message: impl FnMut(&GenerateResponse),
 ) -> Result<Completion, tonic::Status> {
     let mut stream = client.generate(request).await?.into_inner();
     let mut completion = Completion::default();
     while let Some(message) = stream.message().await? {
+        on_message(&message);
         completion.token_ids.extend(&message.token_ids);
         completion.logprobs.extend(&message.logprobs);
-        if !message.text.is_empty() {
-            on_text(&message.text);
-            completion.text.push_str(&message.text);
-        }
+        completion.text.push_str(&message.text);
         if message.finish_reason != 0 {
             completion.finish_reason = finish_reason_name(message.finish_reason);
         }

@@ -6,7 +6,7 @@
 //! at 2-16 rows, which reads and writes it once more: 1.06 ms for 4 rows
 //! against 0.53 ms for 1 (cold weights, `cargo bench -p expert-svc`). This
 //! kernel reads each weight once, in order, and keeps the few output rows
-//! in L1 while it does.
+//! in cache (L2) while it does.
 
 /// At most this many rows go through [`skinny_matmul`]; above it the
 /// product is compute-bound and gemm's packing pays for itself.
@@ -20,14 +20,7 @@ const LANES: usize = 16;
 
 /// Whether this CPU has what the vectorised kernel needs.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    moe_model::cpu_has_avx2_fma()
 }
 
 /// `x` (`[rows, inner]`) times `weights` (`[inner, columns]`), row-major,

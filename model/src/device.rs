@@ -55,6 +55,20 @@ pub fn pin_compute_threads() -> usize {
     threads
 }
 
+/// Whether this CPU runs the AVX2 + FMA builds of our hand-written kernels
+/// (decode attention, few-row expert products), which are compiled for
+/// those instructions and chosen at run time.
+pub fn cpu_has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

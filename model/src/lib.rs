@@ -11,5 +11,5 @@ pub mod synth;
 
 pub use checkpoint::{CONFIG_FILE, Checkpoint, INDEX_FILE, SINGLE_FILE, TOKENIZER_FILE};
 pub use config::ModelConfig;
-pub use device::{parse_device, pin_compute_threads};
+pub use device::{cpu_has_avx2_fma, parse_device, pin_compute_threads};
 pub use error::ModelError;

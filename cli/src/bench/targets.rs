@@ -46,27 +46,14 @@ impl Target for Grpc {
             ..Default::default()
         };
         let mut client = self.client.clone();
-        let mut stream = client
-            .generate(request)
-            .await
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
-            .into_inner();
-        let mut finished = false;
-        while let Some(message) = stream
-            .message()
-            .await
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?
-        {
+        crate::client::generate(&mut client, request, |message| {
             if !message.token_ids.is_empty() {
                 on_tokens(message.token_ids.len());
             }
-            finished |= message.finish_reason != 0;
-        }
-        if finished {
-            Ok(())
-        } else {
-            Err("the stream ended without a finish reason".into())
-        }
+        })
+        .await
+        .map(drop)
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
     }
 }
 

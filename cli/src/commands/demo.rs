@@ -57,8 +57,8 @@ async fn converse(cluster: &Cluster, args: &DemoArgs) -> anyhow::Result<()> {
     };
     print!("\n{}", args.prompt);
     let started = Instant::now();
-    let completion = moe::client::generate(&mut client, request, |text| {
-        print!("{text}");
+    let completion = moe::client::generate(&mut client, request, |message| {
+        print!("{}", message.text);
         let _ = std::io::stdout().flush();
     })
     .await?;

@@ -63,9 +63,9 @@ impl GenerateArgs {
 pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut client = moe::client::connect(&args.addr).await?;
     let stream_text = !args.json;
-    let completion = moe::client::generate(&mut client, args.request(), |text| {
-        if stream_text {
-            print!("{text}");
+    let completion = moe::client::generate(&mut client, args.request(), |message| {
+        if stream_text && !message.text.is_empty() {
+            print!("{}", message.text);
             let _ = std::io::stdout().flush();
         }
     })
