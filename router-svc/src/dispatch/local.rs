@@ -2,7 +2,7 @@
 //! no network. The reference the distributed mode is tested and benchmarked
 //! against.
 //!
-//! A layer's expert products run in parallel on the compute pool (one
+//! A layer's expert products run in parallel on a pool of their own (one
 //! expert per thread at a time, as one expert process would), rather than
 //! one after another on the scheduler's thread: few-row products are
 //! single-threaded, so running them in turn would leave cores idle.
@@ -18,20 +18,32 @@ use crate::RouterError;
 
 pub struct LocalExperts {
     experts: Arc<Vec<ExpertWeights>>,
+    /// The expert threads, apart from the scheduler's pool: the scheduler
+    /// thread is a worker of that one, and while it waits for a layer's
+    /// answers it runs no jobs, so products queued there would get one
+    /// thread fewer than the expert processes get.
+    pool: rayon::ThreadPool,
     hidden_size: usize,
     device: Device,
 }
 
 impl LocalExperts {
-    pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, ModelError> {
+    pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, RouterError> {
         let config = checkpoint.config();
         let experts = (0..config.num_local_experts)
             .map(|expert| {
                 ExpertWeights::load(checkpoint, expert, 0..config.num_hidden_layers, device)
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, ModelError>>()?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|index| format!("local-expert-{index}"))
+            .build()
+            .map_err(|err| {
+                RouterError::Internal(format!("cannot start the expert threads: {err}"))
+            })?;
         Ok(Self {
             experts: Arc::new(experts),
+            pool,
             hidden_size: config.hidden_size,
             device: device.clone(),
         })
@@ -49,7 +61,7 @@ impl ExpertBackend for LocalExperts {
         let experts = self.experts.clone();
         let shape = (rows.len() / self.hidden_size, self.hidden_size);
         let device = self.device.clone();
-        rayon::spawn(move || {
+        self.pool.spawn(move || {
             let output = Tensor::from_vec(rows, shape, &device)
                 .and_then(|rows| experts[expert].forward(layer, &rows))
                 .and_then(|output| output.flatten_all()?.to_vec1::<f32>());
