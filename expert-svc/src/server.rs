@@ -43,12 +43,7 @@ pub async fn run(
     };
     drop(checkpoint);
     let (draining, drain_signal) = watch::channel(false);
-    let service = ExpertService::new(
-        DeviceHandle::spawn(weights)?,
-        describe,
-        device,
-        drain_signal,
-    );
+    let service = ExpertService::new(DeviceHandle::spawn(weights), describe, device, drain_signal);
     let (health, server) = transport::server_with_health_and_reflection();
     health.set_serving::<ExpertServer<ExpertService>>().await;
     tracing::info!(addr = %listener.local_addr()?, "expert ready");
