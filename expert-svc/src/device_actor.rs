@@ -8,7 +8,7 @@
 //! the process (the socket) instead of three (socket, device thread, and
 //! the answer back): with 16 expert processes on 2 cores, each extra
 //! wake-up waits behind the other experts' products. Measured at
-//! concurrency 32 on the small preset: 206–208 → ~215 tokens/s. The
+//! concurrency 32 on the small preset: 206–208 → 213–215 tokens/s. The
 //! runtime is blocked while a product runs; in an expert process that is
 //! what it is there for, and products are milliseconds.
 //!
