@@ -68,10 +68,25 @@ impl Process {
 
     /// Sends SIGTERM: the process drains and exits.
     pub fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Sends SIGSTOP: the process stops answering without closing its
+    /// connections, as a hung one would. [`Process::resume`] undoes it.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Sends SIGCONT to a frozen process.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
         if let Some(pid) = self.child.id() {
             // SAFETY: kill(2) on a pid we spawned and have not reaped.
             unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                libc::kill(pid as libc::pid_t, signal);
             }
         }
     }

@@ -1,9 +1,12 @@
 //! An expert process that dies mid-request ends that request quickly with
-//! UNAVAILABLE naming the expert; the router itself keeps serving.
+//! UNAVAILABLE naming the expert; one that hangs ends it with
+//! DEADLINE_EXCEEDED after `--expert-timeout-secs`, naming it. Either way
+//! the router itself keeps serving.
 
 use std::time::{Duration, Instant};
 
-use moe_e2e::{generate, greedy, start, tiny_checkpoint};
+use moe::launcher::{Cluster, ClusterOptions};
+use moe_e2e::{generate, greedy, quiet_options, start, tiny_checkpoint};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,4 +57,49 @@ async fn dead_expert_fails_the_request_fast_and_names_it() {
         .expect_err("expert 3 is still dead");
     assert_eq!(again.code(), Code::Unavailable);
     assert!(again.message().contains("expert 3"), "{}", again.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_expert_fails_the_request_after_the_timeout_and_names_it() {
+    let model = tiny_checkpoint();
+    let options = ClusterOptions {
+        router_args: vec!["--expert-timeout-secs=1".into()],
+        ..quiet_options(model.path())
+    };
+    let cluster = Cluster::start(&options).await.expect("cluster starts");
+    let uri = cluster.router_uri();
+    generate(&uri, greedy(&[5, 6, 7], 4))
+        .await
+        .expect("healthy cluster answers");
+
+    // Expert 3 stops answering but keeps its connection open.
+    let hung_addr = cluster.experts[3].addr;
+    cluster.experts[3].freeze();
+    let started = Instant::now();
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        generate(&uri, greedy(&[9, 10, 11], 64)),
+    )
+    .await
+    .expect("the request ends instead of hanging")
+    .expect_err("the request cannot complete without expert 3");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.contains(&format!("expert 3 at http://{hung_addr}")),
+        "{message}"
+    );
+    assert!(message.contains("did not answer layer"), "{message}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "gave up after {:?}, before the timeout",
+        started.elapsed()
+    );
+
+    // Once it answers again, so does the cluster.
+    cluster.experts[3].resume();
+    let completion = generate(&uri, greedy(&[1, 2], 4))
+        .await
+        .expect("expert 3 is back");
+    assert_eq!(completion.token_ids.len(), 4);
 }
