@@ -19,7 +19,6 @@ struct LayerWeights {
 }
 
 pub struct ExpertWeights {
-    expert: usize,
     layers: Range<usize>,
     intermediate_size: usize,
     weights: Vec<LayerWeights>,
@@ -67,16 +66,11 @@ impl ExpertWeights {
             && skinny_matmul::available()
             && weights.iter().all(|w| w.gate_up.dtype() == DType::F32);
         Ok(Self {
-            expert,
             layers,
             intermediate_size: config.intermediate_size,
             weights,
             skinny,
         })
-    }
-
-    pub fn expert(&self) -> usize {
-        self.expert
     }
 
     pub fn layers(&self) -> Range<usize> {
