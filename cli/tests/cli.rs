@@ -78,8 +78,9 @@ fn generate_reports_a_refusal_and_fails() {
 }
 
 /// `moe bench --model DIR --compare-local --json`: both modes run the whole
-/// workload, the counts add up, and the router's counters show one message
-/// per expert per layer per micro-batch.
+/// workload in two rounds of alternating order, the counts add up, the
+/// ratio is over all runs, and the router's counters show one message per
+/// expert per layer per micro-batch.
 #[test]
 fn bench_compares_distributed_with_in_process() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,7 +111,9 @@ fn bench_compares_distributed_with_in_process() {
     assert_eq!(report["workload"]["requests"], 5);
     let runs = report["runs"].as_array().unwrap();
     let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
-    assert_eq!(modes, ["distributed", "local"]);
+    assert_eq!(modes, ["distributed", "local", "local", "distributed"]);
+    let rounds: Vec<u64> = runs.iter().map(|r| r["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, [0, 0, 1, 1]);
     for run in runs {
         assert_eq!(run["requests_ok"], 5, "{run}");
         assert_eq!(run["requests_failed"], 0, "{run}");
@@ -122,17 +125,27 @@ fn bench_compares_distributed_with_in_process() {
         let utilisation = run["utilisation"].as_f64().unwrap();
         assert!(utilisation > 0.0 && utilisation < 1.0, "{run}");
     }
-    let wire = &runs[0]["wire"];
+    let (distributed, local): (Vec<_>, Vec<_>) =
+        runs.iter().partition(|run| run["mode"] == "distributed");
+    let wire = &distributed[0]["wire"];
     assert_eq!(wire["dtype"], "f32");
     assert_eq!(wire["messages_per_step"], wire["message_bound_per_step"]);
     let overhead = wire["overhead"].as_f64().unwrap();
     // Each message carries ~25 bytes besides its rows; at this tiny width
     // (64 values, one or two rows per message) that is still under 10%.
     assert!((0.0..0.10).contains(&overhead), "{wire}");
-    assert!(runs[1].get("wire").is_none(), "no wire in-process");
+    assert!(local.iter().all(|run| run.get("wire").is_none()), "no wire in-process");
+    let rate = |runs: &[&serde_json::Value]| {
+        let tokens: f64 = runs.iter().map(|r| r["output_tokens"].as_f64().unwrap()).sum();
+        let seconds: f64 = runs.iter().map(|r| r["duration_s"].as_f64().unwrap()).sum();
+        tokens / seconds
+    };
     let ratio = report["ratio"].as_f64().unwrap();
-    let expected = runs[0]["output_tokens_per_s"].as_f64().unwrap()
+    assert!((ratio - rate(&distributed) / rate(&local)).abs() < 1e-9, "{ratio}");
+    let per_round = report["ratio_per_round"].as_array().unwrap();
+    assert_eq!(per_round.len(), 2);
+    let first_round = runs[0]["output_tokens_per_s"].as_f64().unwrap()
         / runs[1]["output_tokens_per_s"].as_f64().unwrap();
-    assert!((ratio - expected).abs() < 1e-9);
+    assert!((per_round[0].as_f64().unwrap() - first_round).abs() < 1e-9);
     assert!(report["matmul_peak"]["flops_per_s"].as_f64().unwrap() > 0.0);
 }

@@ -22,6 +22,9 @@ pub use workload::{Prompt, Workload};
 pub struct RunReport {
     /// "distributed", "local" (experts in the router's process) or "openai".
     pub mode: String,
+    /// Which round of a `--compare-local --rounds N` run, from 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round: Option<usize>,
     #[serde(flatten)]
     pub measurement: Measurement,
     pub model_flops_per_s: f64,
@@ -116,6 +119,7 @@ pub async fn run<T: Target>(
     let model_flops_per_s = flops / measurement.duration_s.max(f64::EPSILON);
     RunReport {
         mode: mode.to_owned(),
+        round: None,
         measurement,
         model_flops_per_s,
         utilisation: model_flops_per_s / peak.flops_per_s,

@@ -26,6 +26,12 @@ pub struct BenchArgs {
     /// process, and report distributed / in-process throughput.
     #[arg(long, requires = "model", conflicts_with = "addr")]
     pub compare_local: bool,
+    /// With --compare-local: runs of each mode, alternating the order
+    /// (distributed then in-process, in-process then distributed, ...) with
+    /// both clusters up throughout, so that the machine's drift over the
+    /// run (other tenants, warm-up) weighs on both modes alike.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Load an OpenAI-compatible completions server at this root URL
     /// instead (mistral.rs, vLLM...), with the same prompts; needs --model.
     #[arg(long, requires = "model", conflicts_with = "compare_local")]
@@ -62,9 +68,13 @@ struct Report {
     cpus: usize,
     matmul_peak: Peak,
     runs: Vec<RunReport>,
-    /// Distributed / in-process output tokens per second (--compare-local).
+    /// Distributed / in-process output tokens per second (--compare-local),
+    /// over all rounds: each mode's tokens over its time.
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
+    /// The same ratio within each round, to show the spread.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    ratio_per_round: Vec<f64>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -86,16 +96,36 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else if let Some(addr) = &args.addr {
         runs.push(bench::run_grpc(addr, &workload, &prompts, &shape, &peak).await?);
     } else {
-        runs.push(run_cluster(&args, false, &workload, &prompts, &shape, &peak).await?);
+        let distributed = start_cluster(&args, false).await?;
         if args.compare_local {
-            runs.push(run_cluster(&args, true, &workload, &prompts, &shape, &peak).await?);
+            let local = start_cluster(&args, true).await?;
+            for round in 0..args.rounds as usize {
+                let order = if round % 2 == 0 {
+                    [&distributed, &local]
+                } else {
+                    [&local, &distributed]
+                };
+                for cluster in order {
+                    let mut run =
+                        bench::run_grpc(&cluster.router_uri(), &workload, &prompts, &shape, &peak)
+                            .await?;
+                    run.round = Some(round);
+                    runs.push(run);
+                }
+            }
+            local.shutdown(SHUTDOWN_GRACE).await;
+        } else {
+            runs.push(
+                bench::run_grpc(&distributed.router_uri(), &workload, &prompts, &shape, &peak)
+                    .await?,
+            );
         }
+        distributed.shutdown(SHUTDOWN_GRACE).await;
     }
-    let ratio = match runs.as_slice() {
-        [distributed, local] => Some(
-            distributed.measurement.output_tokens_per_s / local.measurement.output_tokens_per_s,
-        ),
-        _ => None,
+    let (ratio, ratio_per_round) = if args.compare_local {
+        (Some(ratio(&runs)), runs.chunks(2).map(ratio).collect())
+    } else {
+        (None, Vec::new())
     };
     let report = Report {
         workload,
@@ -103,6 +133,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         matmul_peak: peak,
         runs,
         ratio,
+        ratio_per_round,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -147,14 +178,29 @@ async fn shape_and_prompts(
     ))
 }
 
-async fn run_cluster(
-    args: &BenchArgs,
-    local_experts: bool,
-    workload: &Workload,
-    prompts: &[Prompt],
-    shape: &ModelShape,
-    peak: &Peak,
-) -> anyhow::Result<RunReport> {
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Distributed over in-process throughput: each mode's output tokens over
+/// its total time, across `runs`.
+fn ratio(runs: &[RunReport]) -> f64 {
+    let rate = |local: bool| {
+        let (tokens, seconds) = runs
+            .iter()
+            .filter(|run| (run.mode == "local") == local)
+            .fold((0.0, 0.0), |(tokens, seconds), run| {
+                (
+                    tokens + run.measurement.output_tokens as f64,
+                    seconds + run.measurement.duration_s,
+                )
+            });
+        tokens / seconds.max(f64::EPSILON)
+    };
+    rate(false) / rate(true)
+}
+
+/// Starts a cluster on `--model`, as `moe up` does, or with the experts in
+/// the router's process.
+async fn start_cluster(args: &BenchArgs, local_experts: bool) -> anyhow::Result<Cluster> {
     let model = args.model.as_ref().context("--model is required")?;
     let options = ClusterOptions {
         router_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -164,10 +210,7 @@ async fn run_cluster(
         log_filter: "warn".into(),
         ..ClusterOptions::new(model)?
     };
-    let cluster = Cluster::start(&options).await?;
-    let report = bench::run_grpc(&cluster.router_uri(), workload, prompts, shape, peak).await;
-    cluster.shutdown(Duration::from_secs(10)).await;
-    report
+    Cluster::start(&options).await
 }
 
 fn print_table(report: &Report) {
@@ -184,14 +227,18 @@ fn print_table(report: &Report) {
         report.matmul_peak.shape.2
     );
     println!(
-        "{:<12} {:>9} {:>7} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6}",
+        "{:<14} {:>9} {:>7} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6}",
         "mode", "tok/s", "failed", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "GFLOP/s", "util"
     );
     for run in &report.runs {
         let m = &run.measurement;
+        let mode = match run.round {
+            Some(round) => format!("{} #{}", run.mode, round + 1),
+            None => run.mode.clone(),
+        };
         println!(
-            "{:<12} {:>9.1} {:>7} {:>7.0}ms {:>7.0}ms {:>6.1}ms {:>6.1}ms {:>9.2} {:>5.1}%",
-            run.mode,
+            "{:<14} {:>9.1} {:>7} {:>7.0}ms {:>7.0}ms {:>6.1}ms {:>6.1}ms {:>9.2} {:>5.1}%",
+            mode,
             m.output_tokens_per_s,
             m.requests_failed,
             m.ttft.p50_ms,
@@ -217,6 +264,14 @@ fn print_table(report: &Report) {
         }
     }
     if let Some(ratio) = report.ratio {
-        println!("distributed / in-process throughput: {ratio:.3}");
+        let rounds: Vec<String> = report
+            .ratio_per_round
+            .iter()
+            .map(|ratio| format!("{ratio:.3}"))
+            .collect();
+        println!(
+            "distributed / in-process throughput: {ratio:.3} (by round: {})",
+            rounds.join(", ")
+        );
     }
 }
