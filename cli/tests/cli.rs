@@ -134,14 +134,23 @@ fn bench_compares_distributed_with_in_process() {
     // Each message carries ~25 bytes besides its rows; at this tiny width
     // (64 values, one or two rows per message) that is still under 10%.
     assert!((0.0..0.10).contains(&overhead), "{wire}");
-    assert!(local.iter().all(|run| run.get("wire").is_none()), "no wire in-process");
+    assert!(
+        local.iter().all(|run| run.get("wire").is_none()),
+        "no wire in-process"
+    );
     let rate = |runs: &[&serde_json::Value]| {
-        let tokens: f64 = runs.iter().map(|r| r["output_tokens"].as_f64().unwrap()).sum();
+        let tokens: f64 = runs
+            .iter()
+            .map(|r| r["output_tokens"].as_f64().unwrap())
+            .sum();
         let seconds: f64 = runs.iter().map(|r| r["duration_s"].as_f64().unwrap()).sum();
         tokens / seconds
     };
     let ratio = report["ratio"].as_f64().unwrap();
-    assert!((ratio - rate(&distributed) / rate(&local)).abs() < 1e-9, "{ratio}");
+    assert!(
+        (ratio - rate(&distributed) / rate(&local)).abs() < 1e-9,
+        "{ratio}"
+    );
     let per_round = report["ratio_per_round"].as_array().unwrap();
     assert_eq!(per_round.len(), 2);
     let first_round = runs[0]["output_tokens_per_s"].as_f64().unwrap()

@@ -30,7 +30,8 @@ pub struct BenchArgs {
     /// (distributed then in-process, in-process then distributed, ...) with
     /// both clusters up throughout, so that the machine's drift over the
     /// run (other tenants, warm-up) weighs on both modes alike.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 2, requires = "compare_local",
+        value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
     /// Load an OpenAI-compatible completions server at this root URL
     /// instead (mistral.rs, vLLM...), with the same prompts; needs --model.
@@ -116,8 +117,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             local.shutdown(SHUTDOWN_GRACE).await;
         } else {
             runs.push(
-                bench::run_grpc(&distributed.router_uri(), &workload, &prompts, &shape, &peak)
-                    .await?,
+                bench::run_grpc(
+                    &distributed.router_uri(),
+                    &workload,
+                    &prompts,
+                    &shape,
+                    &peak,
+                )
+                .await?,
             );
         }
         distributed.shutdown(SHUTDOWN_GRACE).await;
