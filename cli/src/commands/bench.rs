@@ -98,34 +98,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         runs.push(bench::run_grpc(addr, &workload, &prompts, &shape, &peak).await?);
     } else {
         let distributed = start_cluster(&args, false).await?;
-        if args.compare_local {
-            let local = start_cluster(&args, true).await?;
-            for round in 0..args.rounds as usize {
-                let order = if round % 2 == 0 {
-                    [&distributed, &local]
-                } else {
-                    [&local, &distributed]
-                };
-                for cluster in order {
-                    let mut run =
-                        bench::run_grpc(&cluster.router_uri(), &workload, &prompts, &shape, &peak)
-                            .await?;
-                    run.round = Some(round);
-                    runs.push(run);
-                }
-            }
-            local.shutdown(SHUTDOWN_GRACE).await;
+        let local = if args.compare_local {
+            Some(start_cluster(&args, true).await?)
         } else {
-            runs.push(
-                bench::run_grpc(
-                    &distributed.router_uri(),
-                    &workload,
-                    &prompts,
-                    &shape,
-                    &peak,
-                )
-                .await?,
-            );
+            None
+        };
+        let rounds = if local.is_some() { args.rounds } else { 1 };
+        for round in 0..rounds as usize {
+            let mut order: Vec<&Cluster> = std::iter::once(&distributed).chain(&local).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for cluster in order {
+                let mut run =
+                    bench::run_grpc(&cluster.router_uri(), &workload, &prompts, &shape, &peak)
+                        .await?;
+                run.round = local.is_some().then_some(round);
+                runs.push(run);
+            }
+        }
+        if let Some(local) = local {
+            local.shutdown(SHUTDOWN_GRACE).await;
         }
         distributed.shutdown(SHUTDOWN_GRACE).await;
     }
