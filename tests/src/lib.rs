@@ -64,6 +64,15 @@ pub async fn start(model: &Path, local_experts: bool) -> Cluster {
     Cluster::start(&options).await.expect("cluster starts")
 }
 
+/// A distributed cluster whose router gets `router_args` besides the usual.
+pub async fn start_with_router_args(model: &Path, router_args: &[&str]) -> Cluster {
+    let options = ClusterOptions {
+        router_args: router_args.iter().map(|arg| arg.to_string()).collect(),
+        ..quiet_options(model)
+    };
+    Cluster::start(&options).await.expect("cluster starts")
+}
+
 /// Greedy decoding of `max_tokens` tokens past any end-of-sequence token,
 /// with log-probabilities.
 pub fn greedy(prompt: &[u32], max_tokens: u32) -> GenerateRequest {

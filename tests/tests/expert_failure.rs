@@ -5,8 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use moe::launcher::{Cluster, ClusterOptions};
-use moe_e2e::{generate, greedy, quiet_options, start, tiny_checkpoint};
+use moe_e2e::{generate, greedy, start, start_with_router_args, tiny_checkpoint};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,11 +61,7 @@ async fn dead_expert_fails_the_request_fast_and_names_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_expert_fails_the_request_after_the_timeout_and_names_it() {
     let model = tiny_checkpoint();
-    let options = ClusterOptions {
-        router_args: vec!["--expert-timeout-secs=1".into()],
-        ..quiet_options(model.path())
-    };
-    let cluster = Cluster::start(&options).await.expect("cluster starts");
+    let cluster = start_with_router_args(model.path(), &["--expert-timeout-secs=1"]).await;
     let uri = cluster.router_uri();
     generate(&uri, greedy(&[5, 6, 7], 4))
         .await

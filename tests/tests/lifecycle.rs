@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
-use moe::launcher::{ClusterOptions, spawn};
-use moe_e2e::{generate, greedy, quiet_options, start, start_expert, tiny_checkpoint};
+use moe::launcher::spawn;
+use moe_e2e::{
+    generate, greedy, quiet_options, start, start_expert, start_with_router_args, tiny_checkpoint,
+};
 use moe_proto::v1::DescribeRequest;
 use moe_proto::v1::expert_client::ExpertClient;
 use tonic::Code;
@@ -32,11 +34,7 @@ async fn rows_served(cluster: &moe::launcher::Cluster) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_frees_its_sequence() {
     let model = tiny_checkpoint();
-    let options = ClusterOptions {
-        router_args: vec!["--max-running=1".into()],
-        ..quiet_options(model.path())
-    };
-    let cluster = moe::launcher::Cluster::start(&options).await.unwrap();
+    let cluster = start_with_router_args(model.path(), &["--max-running=1"]).await;
     let uri = cluster.router_uri();
 
     let mut client = moe_e2e::client::connect(&uri).await.unwrap();
