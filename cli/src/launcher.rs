@@ -11,11 +11,25 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use moe_proto::ListenAddr;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+/// How the router reaches the expert processes it starts. Both carry the
+/// same gRPC. On this repository's 2-core machine they measured the same
+/// (README, Performance); TCP is the default because it is how experts on
+/// other machines are reached, so it is what the benchmarks measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertTransport {
+    /// Loopback TCP, each expert on a port it picks.
+    Tcp,
+    /// Unix domain sockets in a private temporary directory.
+    Unix,
+}
 
 /// How to start a cluster.
 #[derive(Debug, Clone)]
@@ -29,6 +43,8 @@ pub struct ClusterOptions {
     /// core would fight over the cores; experts get 1 by default, the router
     /// keeps the default (one per core) for attention.
     pub expert_threads: usize,
+    /// How the router reaches the experts.
+    pub expert_transport: ExpertTransport,
     /// Run the experts inside the router instead (no expert processes).
     pub local_experts: bool,
     /// Extra flags for router-svc.
@@ -46,6 +62,7 @@ impl ClusterOptions {
             router_listen: "127.0.0.1:0".parse()?,
             bin_dir: binaries_dir()?,
             expert_threads: 1,
+            expert_transport: ExpertTransport::Tcp,
             local_experts: false,
             router_args: Vec::new(),
             ready_timeout: Duration::from_secs(120),
@@ -57,11 +74,16 @@ impl ClusterOptions {
 /// One running child process.
 pub struct Process {
     pub name: String,
-    pub addr: SocketAddr,
+    pub addr: ListenAddr,
     child: Child,
 }
 
 impl Process {
+    /// What a client dials to reach this process.
+    pub fn uri(&self) -> String {
+        self.addr.uri()
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
@@ -105,6 +127,8 @@ impl Process {
 pub struct Cluster {
     pub router: Process,
     pub experts: Vec<Process>,
+    /// Holds the experts' Unix sockets, removed with the cluster.
+    _sockets: Option<tempfile::TempDir>,
 }
 
 /// The directory of the running executable, or its parent: `moe` lives
@@ -128,6 +152,15 @@ impl Cluster {
         let config =
             moe_model::ModelConfig::from_file(&options.model.join(moe_model::CONFIG_FILE))?;
         let mut experts = Vec::new();
+        let sockets = match (options.local_experts, options.expert_transport) {
+            (false, ExpertTransport::Unix) => Some(
+                tempfile::Builder::new()
+                    .prefix("moe-sockets-")
+                    .tempdir()
+                    .context("cannot make a directory for the experts' sockets")?,
+            ),
+            _ => None,
+        };
         let mut router_args = vec![
             "--model".to_owned(),
             path_arg(&options.model),
@@ -138,14 +171,14 @@ impl Cluster {
             router_args.push("--local-experts".into());
         } else {
             for expert in 0..config.num_local_experts {
+                let listen = match &sockets {
+                    Some(dir) => ListenAddr::Unix(dir.path().join(format!("expert-{expert}.sock"))),
+                    None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
+                };
                 let mut command = Command::new(options.bin_dir.join("expert-svc"));
                 command
-                    .args([
-                        "--model",
-                        &path_arg(&options.model),
-                        "--listen",
-                        "127.0.0.1:0",
-                    ])
+                    .args(["--model", &path_arg(&options.model)])
+                    .args(["--listen", &listen.to_string()])
                     .args(["--expert", &expert.to_string()])
                     .env("RAYON_NUM_THREADS", options.expert_threads.to_string())
                     .env("TOKIO_WORKER_THREADS", "1");
@@ -153,20 +186,24 @@ impl Cluster {
             }
             for (expert, process) in experts.iter().enumerate() {
                 router_args.push("--expert".into());
-                router_args.push(format!("{expert}=http://{}", process.addr));
+                router_args.push(format!("{expert}={}", process.uri()));
             }
         }
         router_args.extend(options.router_args.iter().cloned());
         let mut command = Command::new(options.bin_dir.join("router-svc"));
         command.args(&router_args);
         let router = spawn("router-svc".into(), command, options).await?;
-        let cluster = Self { router, experts };
+        let cluster = Self {
+            router,
+            experts,
+            _sockets: sockets,
+        };
         cluster.wait_until_serving(options.ready_timeout).await?;
         Ok(cluster)
     }
 
     pub fn router_uri(&self) -> String {
-        format!("http://{}", self.router.addr)
+        self.router.uri()
     }
 
     /// Polls the router's gRPC health until SERVING (every expert answered).
@@ -265,7 +302,7 @@ pub async fn spawn(
     Ok(Process {
         addr: addr
             .parse()
-            .with_context(|| format!("{name} printed a bad address {addr:?}"))?,
+            .map_err(|err| anyhow::anyhow!("{name} printed a bad address: {err}"))?,
         name,
         child,
     })

@@ -1,12 +1,12 @@
 //! Command-line flags, turned into one validated [`Config`] before anything
 //! is loaded or bound.
 
-use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use moe_proto::ListenAddr;
 
 /// Serve one expert of a Mixture-of-Experts checkpoint over gRPC.
 #[derive(Debug, Parser)]
@@ -21,9 +21,10 @@ pub struct Args {
     /// Layers to serve, as A..B (end excluded); all layers when absent.
     #[arg(long, env = "MOE_LAYERS")]
     pub layers: Option<String>,
-    /// Address to listen on; port 0 picks a free port.
+    /// Address to listen on: HOST:PORT (port 0 picks a free port), or
+    /// unix:PATH for a router on the same machine.
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50061")]
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     /// `cpu` or `cuda:N`.
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -37,7 +38,7 @@ pub struct Config {
     pub model: PathBuf,
     pub expert: usize,
     pub layers: Option<Range<usize>>,
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     pub device: String,
     pub shutdown_grace: Duration,
 }

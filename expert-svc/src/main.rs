@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
 async fn serve() -> anyhow::Result<()> {
     moe_proto::transport::init_logging("info");
     let config = Config::try_from(Args::parse()).map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = moe_proto::Listener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     // Launchers and tests read this line to learn the port when given :0.

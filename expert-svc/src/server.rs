@@ -5,8 +5,7 @@ use std::future::Future;
 use moe_model::{Checkpoint, parse_device};
 use moe_proto::v1::DescribeResponse;
 use moe_proto::v1::expert_server::ExpertServer;
-use moe_proto::{MAX_MESSAGE_BYTES, transport};
-use tokio::net::TcpListener;
+use moe_proto::{Listener, MAX_MESSAGE_BYTES, transport};
 use tokio::sync::watch;
 
 use crate::{Config, DeviceHandle, ExpertError, ExpertService, ExpertWeights};
@@ -18,7 +17,7 @@ pub use moe_proto::transport::shutdown_signal;
 /// flight, and returns (after `config.shutdown_grace` at the latest).
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: Listener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ExpertError> {
     let device = parse_device(&config.device)?;
@@ -58,12 +57,11 @@ pub async fn run(
             .await;
         let _ = draining.send(true);
     };
-    let server = server
-        .add_service(
-            ExpertServer::new(service)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(transport::incoming(listener), stop);
+    let server = server.add_service(
+        ExpertServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let server = listener.serve(server, stop);
     Ok(transport::serve_with_grace(server, drained, grace).await?)
 }

@@ -72,9 +72,7 @@ fn refusal(result: &ExpertResult) -> (Code, String) {
 async fn assert_refused(message: ExpertBatch, expected: &str) {
     let model = tiny_checkpoint();
     let expert = start_expert(model.path(), 2, "0..2").await;
-    let channel = moe_proto::transport::connect(&format!("http://{}", expert.addr))
-        .await
-        .unwrap();
+    let channel = moe_proto::transport::connect(&expert.uri()).await.unwrap();
     let request_id = message.request_id;
     let (first, second) = send_then_valid(channel.clone(), message).await;
     assert_eq!(first.request_id, request_id);

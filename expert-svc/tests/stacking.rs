@@ -75,9 +75,7 @@ async fn describe(channel: &Channel) -> DescribeResponse {
 async fn waiting_messages_share_one_product_and_keep_their_own_rows() {
     let model = tiny_checkpoint();
     let expert = start_expert(model.path(), 5, "0..2").await;
-    let channel = moe_proto::transport::connect(&format!("http://{}", expert.addr))
-        .await
-        .unwrap();
+    let channel = moe_proto::transport::connect(&expert.uri()).await.unwrap();
 
     // Each small message alone: the reference answers.
     let mut alone = Vec::new();

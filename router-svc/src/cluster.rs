@@ -1,7 +1,8 @@
 //! Where the experts are: `--expert` flags or a cluster file.
 //!
 //! A flag is `E=URI` (expert E, every layer) or `E@A..B=URI` (expert E,
-//! layers A to B-1). A cluster file is JSON:
+//! layers A to B-1). A URI is `http://HOST:PORT` (`HOST:PORT` alone means
+//! the same) or `unix:PATH` for an expert listening on a Unix socket. A cluster file is JSON:
 //!
 //! ```json
 //! {"experts": [{"expert": 0, "endpoint": "http://10.0.0.5:50061", "layers": "0..16"}]}
@@ -62,7 +63,7 @@ pub fn parse_flag(flag: &str) -> Result<ExpertEndpoint, RouterError> {
 }
 
 fn endpoint(expert: usize, uri: &str, layers: Option<&str>) -> Result<ExpertEndpoint, RouterError> {
-    let uri = if uri.contains("://") {
+    let uri = if uri.contains("://") || uri.starts_with("unix:") {
         uri.to_owned()
     } else {
         format!("http://{uri}")
@@ -135,6 +136,8 @@ mod tests {
         );
         let e = parse_flag("1@0..2=http://h:1").unwrap();
         assert_eq!(e.layers, Some(0..2));
+        let e = parse_flag("2=unix:/run/moe/expert-2.sock").unwrap();
+        assert_eq!(e.uri, "unix:/run/moe/expert-2.sock");
         assert!(parse_flag("x=h:1").is_err());
         assert!(parse_flag("1").is_err());
     }

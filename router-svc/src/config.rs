@@ -1,12 +1,11 @@
 //! Command-line flags, turned into one validated [`Config`] before anything
 //! is loaded or connected.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use moe_proto::WireDType;
+use moe_proto::{ListenAddr, WireDType};
 
 use crate::RouterError;
 use crate::cluster::{self, ExpertEndpoint};
@@ -20,9 +19,10 @@ pub struct Args {
     /// Checkpoint directory (config.json, safetensors, tokenizer.json).
     #[arg(long, env = "MOE_MODEL")]
     pub model: PathBuf,
-    /// Address of the public gRPC API; port 0 picks a free port.
+    /// Address of the public gRPC API: HOST:PORT (port 0 picks a free
+    /// port) or unix:PATH.
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     /// An expert endpoint: E=URI, or E@A..B=URI for layers A..B only.
     /// Repeat for every expert (and replica).
     #[arg(long = "expert", value_name = "SPEC")]
@@ -71,7 +71,7 @@ pub enum ExpertPlacement {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub model: PathBuf,
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     pub experts: ExpertPlacement,
     pub device: String,
     pub scheduler: SchedulerConfig,

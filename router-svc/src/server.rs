@@ -6,9 +6,8 @@ use std::sync::Arc;
 use attention_svc::Engine;
 use moe_model::{Checkpoint, parse_device};
 use moe_proto::v1::inference_server::InferenceServer;
-use moe_proto::{MAX_MESSAGE_BYTES, transport};
+use moe_proto::{Listener, MAX_MESSAGE_BYTES, transport};
 use tokenizers::Tokenizer;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -29,7 +28,7 @@ use crate::{RouterError, cluster};
 /// running ones finish, and returns (after `config.shutdown_grace` at most).
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: Listener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RouterError> {
     let device = parse_device(&config.device)?;
@@ -76,13 +75,12 @@ pub async fn run(
         set_serving(&health, false).await;
         let _ = draining.send(true);
     };
-    let server = server
-        .add_service(
-            InferenceServer::new(service)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(transport::incoming(listener), stop);
+    let server = server.add_service(
+        InferenceServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
+    let server = listener.serve(server, stop);
     Ok(transport::serve_with_grace(server, drain_signal, config.shutdown_grace).await?)
 }
 

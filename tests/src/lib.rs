@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use moe::client::Completion;
-use moe::launcher::{Cluster, ClusterOptions};
+use moe::launcher::{Cluster, ClusterOptions, ExpertTransport};
 use moe_proto::v1::{GenerateRequest, TokenIds, generate_request::Prompt};
 use serde::Deserialize;
 
@@ -59,6 +59,15 @@ pub fn quiet_options(model: &Path) -> ClusterOptions {
 pub async fn start(model: &Path, local_experts: bool) -> Cluster {
     let options = ClusterOptions {
         local_experts,
+        ..quiet_options(model)
+    };
+    Cluster::start(&options).await.expect("cluster starts")
+}
+
+/// A distributed cluster whose router reaches its experts over `transport`.
+pub async fn start_over(model: &Path, transport: ExpertTransport) -> Cluster {
+    let options = ClusterOptions {
+        expert_transport: transport,
         ..quiet_options(model)
     };
     Cluster::start(&options).await.expect("cluster starts")

@@ -25,7 +25,7 @@ async fn dead_expert_fails_the_request_fast_and_names_it() {
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let killed_at = Instant::now();
-    let victim_addr = cluster.experts[3].addr;
+    let victim_uri = cluster.experts[3].uri();
     cluster.experts[3].kill().await.expect("kill expert 3");
 
     let status = tokio::time::timeout(Duration::from_secs(10), long)
@@ -40,7 +40,7 @@ async fn dead_expert_fails_the_request_fast_and_names_it() {
         status.message()
     );
     assert!(
-        status.message().contains(&victim_addr.to_string()),
+        status.message().contains(&victim_uri),
         "{}",
         status.message()
     );
@@ -68,7 +68,7 @@ async fn hung_expert_fails_the_request_after_the_timeout_and_names_it() {
         .expect("healthy cluster answers");
 
     // Expert 3 stops answering but keeps its connection open.
-    let hung_addr = cluster.experts[3].addr;
+    let hung_uri = cluster.experts[3].uri();
     cluster.experts[3].freeze();
     let started = Instant::now();
     let status = tokio::time::timeout(
@@ -81,7 +81,7 @@ async fn hung_expert_fails_the_request_after_the_timeout_and_names_it() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     let message = status.message();
     assert!(
-        message.contains(&format!("expert 3 at http://{hung_addr}")),
+        message.contains(&format!("expert 3 at {hung_uri}")),
         "{message}"
     );
     assert!(message.contains("did not answer layer"), "{message}");

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
-use moe::launcher::spawn;
+use moe::launcher::{ExpertTransport, spawn};
 use moe_e2e::{
-    generate, greedy, quiet_options, start, start_expert, start_with_router_args, tiny_checkpoint,
+    generate, greedy, quiet_options, start_expert, start_over, start_with_router_args,
+    tiny_checkpoint,
 };
+use moe_proto::ListenAddr;
 use moe_proto::v1::DescribeRequest;
 use moe_proto::v1::expert_client::ExpertClient;
 use tonic::Code;
@@ -14,9 +16,7 @@ use tonic::Code;
 async fn rows_served(cluster: &moe::launcher::Cluster) -> u64 {
     let mut total = 0;
     for expert in &cluster.experts {
-        let channel = moe_proto::transport::connect(&format!("http://{}", expert.addr))
-            .await
-            .unwrap();
+        let channel = moe_proto::transport::connect(&expert.uri()).await.unwrap();
         total += ExpertClient::new(channel)
             .describe(DescribeRequest {})
             .await
@@ -83,13 +83,13 @@ async fn router_refuses_an_expert_of_another_checkpoint() {
         .arg("--model")
         .arg(model.path())
         .args(["--listen", "127.0.0.1:0"]);
-    command.args(["--expert", &format!("0=http://{}", impostor.addr)]);
+    command.args(["--expert", &format!("0={}", impostor.uri())]);
     // Experts 1..15 point at a port where nothing listens.
     for expert in 1..16 {
         command.args(["--expert", &format!("{expert}=http://127.0.0.1:9")]);
     }
     let router = spawn("router-svc".into(), command, &options).await.unwrap();
-    let uri = format!("http://{}", router.addr);
+    let uri = router.uri();
 
     let mut message = String::new();
     for _ in 0..100 {
@@ -104,7 +104,7 @@ async fn router_refuses_an_expert_of_another_checkpoint() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        message.contains(&format!("expert 0 at http://{}", impostor.addr)),
+        message.contains(&format!("expert 0 at {}", impostor.uri())),
         "{message}"
     );
     assert!(message.contains("serves another checkpoint"), "{message}");
@@ -115,11 +115,12 @@ async fn router_refuses_an_expert_of_another_checkpoint() {
 }
 
 /// SIGTERM: the router stops taking requests but finishes the running one,
-/// then exits cleanly; an expert drains and exits too.
+/// then exits cleanly; an expert drains and exits too, and removes its Unix
+/// socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_exits() {
     let model = tiny_checkpoint();
-    let mut cluster = start(model.path(), false).await;
+    let mut cluster = start_over(model.path(), ExpertTransport::Unix).await;
     let uri = cluster.router_uri();
     let mut client = moe_e2e::client::connect(&uri).await.unwrap();
     let mut stream = client
@@ -149,10 +150,15 @@ async fn sigterm_drains_then_exits() {
     assert!(status.success(), "router exit: {status}");
 
     let expert = &mut cluster.experts[0];
+    let ListenAddr::Unix(socket) = expert.addr.clone() else {
+        panic!("expert 0 listens on {}, not a Unix socket", expert.addr)
+    };
+    assert!(socket.exists(), "{} is missing", socket.display());
     expert.terminate();
     let status = tokio::time::timeout(Duration::from_secs(20), expert.wait())
         .await
         .unwrap()
         .unwrap();
     assert!(status.success(), "expert exit: {status}");
+    assert!(!socket.exists(), "{} left behind", socket.display());
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use moe::bench::{self, ModelShape, Peak, Prompt, RunReport, Workload};
-use moe::launcher::{Cluster, ClusterOptions};
+use moe::launcher::{Cluster, ClusterOptions, ExpertTransport};
 use moe_model::ModelConfig;
 use moe_proto::v1::ModelInfoRequest;
 use serde::Serialize;
@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// gemm threads per expert process, for clusters this command starts.
     #[arg(long, default_value_t = 1)]
     pub expert_threads: usize,
+    /// How the router reaches the expert processes, for clusters this
+    /// command starts.
+    #[arg(long, value_enum, default_value_t = ExpertTransport::Tcp)]
+    pub expert_transport: ExpertTransport,
     /// Extra flags for router-svc, e.g. --router-arg=--wire-dtype=bf16.
     #[arg(long = "router-arg", allow_hyphen_values = true)]
     pub router_args: Vec<String>,
@@ -67,6 +71,9 @@ pub struct BenchArgs {
 struct Report {
     workload: Workload,
     cpus: usize,
+    /// How the router reached the experts, when this command started them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expert_transport: Option<ExpertTransport>,
     matmul_peak: Peak,
     runs: Vec<RunReport>,
     /// Distributed / in-process output tokens per second (--compare-local),
@@ -130,6 +137,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         workload,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        expert_transport: (args.addr.is_none() && args.openai.is_none())
+            .then_some(args.expert_transport),
         matmul_peak: peak,
         runs,
         ratio,
@@ -205,6 +214,7 @@ async fn start_cluster(args: &BenchArgs, local_experts: bool) -> anyhow::Result<
     let options = ClusterOptions {
         router_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         expert_threads: args.expert_threads,
+        expert_transport: args.expert_transport,
         local_experts,
         router_args: args.router_args.clone(),
         log_filter: "warn".into(),

@@ -72,9 +72,7 @@ async fn converse(cluster: &Cluster, args: &DemoArgs) -> anyhow::Result<()> {
     );
     println!("\nrows each expert process served (matrix products in brackets):");
     for process in &cluster.experts {
-        let mut expert = ExpertClient::new(
-            moe_proto::transport::connect(&format!("http://{}", process.addr)).await?,
-        );
+        let mut expert = ExpertClient::new(moe_proto::transport::connect(&process.uri()).await?);
         let described = expert.describe(DescribeRequest {}).await?.into_inner();
         println!(
             "  expert {:>2}  pid {:>7}  {:>6} rows  [{} products]",

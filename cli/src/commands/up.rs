@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use moe::launcher::{Cluster, ClusterOptions};
+use moe::launcher::{Cluster, ClusterOptions, ExpertTransport};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -16,6 +16,10 @@ pub struct UpArgs {
     /// gemm threads per expert process (RAYON_NUM_THREADS).
     #[arg(long, default_value_t = 1)]
     pub expert_threads: usize,
+    /// How the router reaches the experts: loopback TCP, or Unix sockets
+    /// in a private temporary directory.
+    #[arg(long, value_enum, default_value_t = ExpertTransport::Tcp)]
+    pub expert_transport: ExpertTransport,
     /// Extra flags passed to router-svc, e.g. --router-arg=--wire-dtype=bf16.
     #[arg(long = "router-arg", allow_hyphen_values = true)]
     pub router_args: Vec<String>,
@@ -26,6 +30,7 @@ impl UpArgs {
         Ok(ClusterOptions {
             router_listen: self.listen,
             expert_threads: self.expert_threads,
+            expert_transport: self.expert_transport,
             router_args: self.router_args.clone(),
             ..ClusterOptions::new(&self.model)?
         })
