@@ -19,9 +19,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// How the router reaches the expert processes it starts. Both carry the
-/// same gRPC. On this repository's 2-core machine they measured the same
-/// (README, Performance); TCP is the default because it is how experts on
-/// other machines are reached, so it is what the benchmarks measure.
+/// same gRPC. On this repository's 2-core machine their throughput was
+/// within the run-to-run noise of each other (README, Performance); TCP is
+/// the default because it is how experts on other machines are reached, so
+/// it is what the benchmarks measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExpertTransport {
@@ -29,6 +30,16 @@ pub enum ExpertTransport {
     Tcp,
     /// Unix domain sockets in a private temporary directory.
     Unix,
+}
+
+impl ExpertTransport {
+    /// The flag value that names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Unix => "unix",
+        }
+    }
 }
 
 /// How to start a cluster.

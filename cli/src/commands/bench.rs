@@ -229,6 +229,9 @@ fn print_table(report: &Report) {
         "workload: {} requests, concurrency {}, {} prompt tokens, {} max tokens, seed {} ({} CPUs)",
         w.requests, w.concurrency, w.prompt_tokens, w.max_tokens, w.seed, report.cpus
     );
+    if let Some(transport) = report.expert_transport {
+        println!("experts reached over {}", transport.name());
+    }
     println!(
         "matmul peak: {:.1} GFLOP/s (candle f32, {}x{}x{})",
         report.matmul_peak.flops_per_s / 1e9,
