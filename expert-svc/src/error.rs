@@ -13,8 +13,6 @@ pub enum ExpertError {
     },
     #[error("expert queue is full ({0} batches waiting)")]
     Overloaded(usize),
-    #[error("expert is shutting down")]
-    ShuttingDown,
     #[error("expert computation failed: {0}")]
     Compute(#[from] candle_core::Error),
     #[error(transparent)]
@@ -31,7 +29,6 @@ impl ExpertError {
         match self {
             Self::Tensor(_) | Self::Layer { .. } => Code::InvalidArgument,
             Self::Overloaded(_) => Code::ResourceExhausted,
-            Self::ShuttingDown => Code::Unavailable,
             Self::Compute(_) | Self::Model(_) | Self::Io(_) | Self::Transport(_) => Code::Internal,
         }
     }

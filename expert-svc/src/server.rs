@@ -8,7 +8,7 @@ use moe_proto::v1::expert_server::ExpertServer;
 use moe_proto::{Listener, MAX_MESSAGE_BYTES, transport};
 use tokio::sync::watch;
 
-use crate::{Config, DeviceHandle, ExpertError, ExpertService, ExpertWeights};
+use crate::{Config, ExpertError, ExpertService, ExpertWeights, ProductQueue};
 
 pub use moe_proto::transport::shutdown_signal;
 
@@ -42,7 +42,7 @@ pub async fn run(
     };
     drop(checkpoint);
     let (draining, drain_signal) = watch::channel(false);
-    let service = ExpertService::new(DeviceHandle::spawn(weights), describe, device, drain_signal);
+    let service = ExpertService::new(ProductQueue::new(weights), describe, device, drain_signal);
     let (health, server) = transport::server_with_health_and_reflection();
     health.set_serving::<ExpertServer<ExpertService>>().await;
     tracing::info!(addr = %listener.local_addr()?, "expert ready");
