@@ -177,6 +177,10 @@ impl Cluster {
             path_arg(&options.model),
             "--listen".into(),
             options.router_listen.to_string(),
+            // The experts share these cores: the router's wake-ups on each
+            // answer should not preempt their products. Passed in the
+            // in-process mode too, so that both modes run alike.
+            "--sched-batch".into(),
         ];
         if options.local_experts {
             router_args.push("--local-experts".into());

@@ -60,6 +60,10 @@ pub struct Args {
     /// Seconds to let running requests finish after SIGTERM.
     #[arg(long, env = "MOE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Run this process's threads as SCHED_BATCH (Linux), so that its
+    /// wake-ups do not preempt expert processes on the same cores.
+    #[arg(long, env = "MOE_SCHED_BATCH")]
+    pub sched_batch: bool,
 }
 
 #[derive(Debug, Clone)]

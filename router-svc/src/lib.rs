@@ -7,6 +7,7 @@
 
 pub mod cluster;
 mod config;
+pub mod cpu_policy;
 mod detokenizer;
 pub mod dispatch;
 mod error;

@@ -4,15 +4,23 @@ use router_svc::{Args, Config};
 
 fn main() -> anyhow::Result<()> {
     moe_model::pin_compute_threads();
+    let args = Args::parse();
+    // Before any thread starts, so that every thread inherits it.
+    let batch = args
+        .sched_batch
+        .then(router_svc::cpu_policy::schedule_as_batch);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(serve())
+        .block_on(serve(args, batch))
 }
 
-async fn serve() -> anyhow::Result<()> {
+async fn serve(args: Args, batch: Option<std::io::Result<()>>) -> anyhow::Result<()> {
     moe_proto::transport::init_logging("info");
-    let config = Config::try_from(Args::parse())?;
+    if let Some(Err(err)) = batch {
+        tracing::warn!(%err, "--sched-batch: cannot make the threads SCHED_BATCH; running without");
+    }
+    let config = Config::try_from(args)?;
     let listener = moe_proto::Listener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
