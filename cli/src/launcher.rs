@@ -32,13 +32,11 @@ pub enum ExpertTransport {
     Unix,
 }
 
-impl ExpertTransport {
-    /// The flag value that names it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Unix => "unix",
-        }
+/// The flag value that names it.
+impl std::fmt::Display for ExpertTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = clap::ValueEnum::to_possible_value(self).expect("no variant is skipped");
+        f.write_str(value.get_name())
     }
 }
 

@@ -2,8 +2,8 @@
 //!
 //! An expert service loads one expert's SwiGLU matrices for a range of
 //! layers and nothing else. Every message queued for the same layer, from
-//! whichever stream, shares one matrix product. Experts keep no per-request state, so any replica
-//! can answer any message.
+//! whichever stream, shares one matrix product. Experts keep no per-request
+//! state, so any replica can answer any message.
 
 mod config;
 mod error;

@@ -14,8 +14,8 @@
 //! products had just flushed.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::Tensor;
 
@@ -58,10 +58,7 @@ impl ProductQueue {
     /// Queues the expert's product on `rows` (`[n, hidden]`) of `layer`;
     /// `reply` gets its result once a [`ProductQueue::run_waiting`] ran it.
     pub fn submit(&self, layer: usize, rows: Tensor, reply: Reply) -> Result<(), ExpertError> {
-        let mut waiting = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let mut waiting = self.waiting();
         if waiting.len() >= QUEUE_CAPACITY {
             return Err(ExpertError::Overloaded(QUEUE_CAPACITY));
         }
@@ -73,12 +70,7 @@ impl ProductQueue {
     /// each message its rows of the result. Blocks the calling thread for
     /// as long as the products take.
     pub fn run_waiting(&self) {
-        let jobs = std::mem::take(
-            &mut *self
-                .waiting
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner()),
-        );
+        let jobs = std::mem::take(&mut *self.waiting());
         let mut by_layer: BTreeMap<usize, Vec<Job>> = BTreeMap::new();
         for job in jobs {
             by_layer.entry(job.layer).or_default().push(job);
@@ -95,6 +87,15 @@ impl ProductQueue {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// The queue, locked. A product that panicked leaves nothing half-done
+    /// in it (jobs are taken out before they run), so a poisoned lock is
+    /// still sound to use.
+    fn waiting(&self) -> MutexGuard<'_, Vec<Job>> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 }
 

@@ -31,7 +31,7 @@ impl ListenAddr {
     pub fn uri(&self) -> String {
         match self {
             Self::Tcp(addr) => format!("http://{addr}"),
-            Self::Unix(path) => format!("unix:{}", path.display()),
+            Self::Unix(_) => self.to_string(),
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A flag is `E=URI` (expert E, every layer) or `E@A..B=URI` (expert E,
 //! layers A to B-1). A URI is `http://HOST:PORT` (`HOST:PORT` alone means
-//! the same) or `unix:PATH` for an expert listening on a Unix socket. A cluster file is JSON:
+//! the same) or `unix:PATH` for an expert listening on a Unix socket. A
+//! cluster file is JSON:
 //!
 //! ```json
 //! {"experts": [{"expert": 0, "endpoint": "http://10.0.0.5:50061", "layers": "0..16"}]}

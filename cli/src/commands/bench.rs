@@ -97,6 +97,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Before any server starts, so nothing else competes for the cores.
     let peak = bench::measure_peak(&shape)?;
     let mut runs = Vec::new();
+    let mut expert_transport = None;
     if let Some(base) = &args.openai {
         let target = bench::OpenAi::new(base, &args.openai_model)?;
         bench::warm_up(&target, &prompts).await?;
@@ -104,6 +105,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else if let Some(addr) = &args.addr {
         runs.push(bench::run_grpc(addr, &workload, &prompts, &shape, &peak).await?);
     } else {
+        expert_transport = Some(args.expert_transport);
         let distributed = start_cluster(&args, false).await?;
         let local = if args.compare_local {
             Some(start_cluster(&args, true).await?)
@@ -137,8 +139,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = Report {
         workload,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        expert_transport: (args.addr.is_none() && args.openai.is_none())
-            .then_some(args.expert_transport),
+        expert_transport,
         matmul_peak: peak,
         runs,
         ratio,
@@ -230,7 +231,7 @@ fn print_table(report: &Report) {
         w.requests, w.concurrency, w.prompt_tokens, w.max_tokens, w.seed, report.cpus
     );
     if let Some(transport) = report.expert_transport {
-        println!("experts reached over {}", transport.name());
+        println!("experts reached over {transport}");
     }
     println!(
         "matmul peak: {:.1} GFLOP/s (candle f32, {}x{}x{})",
