@@ -23,7 +23,7 @@
 # Each cluster holds the whole model: 2 builds take ~5 GB of memory.
 # Not part of CI.
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n '2,26p' "$0"; exit 2; }
+[ $# -ge 1 ] || { awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 2; }
 
 MODEL=${MODEL:-moe-models/small}
 CYCLES=${CYCLES:-4}
