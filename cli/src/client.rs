@@ -1,8 +1,8 @@
 //! A client of the public API: one Generate call, collected.
 
+use moe_proto::transport;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{FinishReason, GenerateRequest, GenerateResponse};
-use moe_proto::{MAX_MESSAGE_BYTES, transport};
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -24,9 +24,7 @@ pub struct Usage {
 }
 
 pub async fn connect(uri: &str) -> Result<InferenceClient<Channel>, tonic::transport::Error> {
-    Ok(InferenceClient::new(transport::connect(uri).await?)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    Ok(transport::inference_client(transport::connect(uri).await?))
 }
 
 pub fn finish_reason_name(raw: i32) -> String {

@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use moe_proto::ListenAddr;
+use moe_proto::{ExpertMode, ListenAddr};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic_health::pb::HealthCheckRequest;
@@ -19,10 +19,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// How the router reaches the expert processes it starts. Both carry the
-/// same gRPC. On this repository's 2-core machine their throughput was
-/// within the run-to-run noise of each other (README, Performance); TCP is
-/// the default because it is how experts on other machines are reached, so
-/// it is what the benchmarks measure.
+/// same gRPC and measured alike on one machine (docs/performance.md); TCP
+/// is the default because it is how experts on other machines are reached,
+/// so it is what the benchmarks measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExpertTransport {
@@ -54,8 +53,9 @@ pub struct ClusterOptions {
     pub expert_threads: usize,
     /// How the router reaches the experts.
     pub expert_transport: ExpertTransport,
-    /// Run the experts inside the router instead (no expert processes).
-    pub local_experts: bool,
+    /// Distributed (one expert-svc per expert) or in-process (the router
+    /// runs the experts itself; no expert processes).
+    pub mode: ExpertMode,
     /// Extra flags for router-svc.
     pub router_args: Vec<String>,
     /// How long to wait for every process to be ready.
@@ -72,7 +72,7 @@ impl ClusterOptions {
             bin_dir: binaries_dir()?,
             expert_threads: 1,
             expert_transport: ExpertTransport::Tcp,
-            local_experts: false,
+            mode: ExpertMode::Distributed,
             router_args: Vec::new(),
             ready_timeout: Duration::from_secs(120),
             log_filter: "info".into(),
@@ -161,8 +161,8 @@ impl Cluster {
         let config =
             moe_model::ModelConfig::from_file(&options.model.join(moe_model::CONFIG_FILE))?;
         let mut experts = Vec::new();
-        let sockets = match (options.local_experts, options.expert_transport) {
-            (false, ExpertTransport::Unix) => Some(
+        let sockets = match (options.mode, options.expert_transport) {
+            (ExpertMode::Distributed, ExpertTransport::Unix) => Some(
                 tempfile::Builder::new()
                     .prefix("moe-sockets-")
                     .tempdir()
@@ -180,26 +180,22 @@ impl Cluster {
             // in-process mode too, so that both modes run alike.
             "--sched-batch".into(),
         ];
-        if options.local_experts {
-            router_args.push("--local-experts".into());
-        } else {
-            for expert in 0..config.num_local_experts {
-                let listen = match &sockets {
-                    Some(dir) => ListenAddr::Unix(dir.path().join(format!("expert-{expert}.sock"))),
-                    None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
-                };
-                let mut command = Command::new(options.bin_dir.join("expert-svc"));
-                command
-                    .args(["--model", &path_arg(&options.model)])
-                    .args(["--listen", &listen.to_string()])
-                    .args(["--expert", &expert.to_string()])
-                    .env("RAYON_NUM_THREADS", options.expert_threads.to_string())
-                    .env("TOKIO_WORKER_THREADS", "1");
-                experts.push(spawn(format!("expert-svc {expert}"), command, options).await?);
-            }
-            for (expert, process) in experts.iter().enumerate() {
-                router_args.push("--expert".into());
-                router_args.push(format!("{expert}={}", process.uri()));
+        match options.mode {
+            ExpertMode::InProcess => router_args.push("--in-process".into()),
+            ExpertMode::Distributed => {
+                for expert in 0..config.num_local_experts {
+                    let listen = match &sockets {
+                        Some(dir) => {
+                            ListenAddr::Unix(dir.path().join(format!("expert-{expert}.sock")))
+                        }
+                        None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
+                    };
+                    experts.push(start_expert(options, expert, None, &listen).await?);
+                }
+                for (expert, process) in experts.iter().enumerate() {
+                    router_args.push("--expert".into());
+                    router_args.push(format!("{expert}={}", process.uri()));
+                }
             }
         }
         router_args.extend(options.router_args.iter().cloned());
@@ -278,6 +274,29 @@ impl Cluster {
 
 fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
+}
+
+/// Starts one expert-svc process serving `expert` (for `layers`, "A..B",
+/// or every layer) on `listen`, with the cluster's thread settings: one
+/// gemm thread and one tokio worker unless `options` say otherwise, so
+/// that a process per expert does not oversubscribe the cores.
+pub async fn start_expert(
+    options: &ClusterOptions,
+    expert: usize,
+    layers: Option<&str>,
+    listen: &ListenAddr,
+) -> anyhow::Result<Process> {
+    let mut command = Command::new(options.bin_dir.join("expert-svc"));
+    command
+        .args(["--model", &path_arg(&options.model)])
+        .args(["--listen", &listen.to_string()])
+        .args(["--expert", &expert.to_string()])
+        .env("RAYON_NUM_THREADS", options.expert_threads.to_string())
+        .env("TOKIO_WORKER_THREADS", "1");
+    if let Some(layers) = layers {
+        command.args(["--layers", layers]);
+    }
+    spawn(format!("expert-svc {expert}"), command, options).await
 }
 
 /// Spawns `command` and waits for its `listening on ADDR` line. The child

@@ -4,6 +4,7 @@
 use std::process::Command;
 
 use moe_e2e::start;
+use moe_proto::ExpertMode;
 
 fn moe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_moe"))
@@ -21,7 +22,7 @@ async fn init_then_generate_json() {
     );
     assert!(String::from_utf8_lossy(&init.stdout).contains("16 experts (top-2)"));
 
-    let cluster = start(&model, false).await;
+    let cluster = start(&model, ExpertMode::Distributed).await;
     let uri = cluster.router_uri();
     let output = tokio::task::spawn_blocking(move || {
         moe()
@@ -77,7 +78,7 @@ fn generate_reports_a_refusal_and_fails() {
     assert!(!output.stderr.is_empty());
 }
 
-/// `moe bench --model DIR --compare-local --json`: both modes run the whole
+/// `moe bench --model DIR --compare-in-process --json`: both modes run the whole
 /// workload in two rounds of alternating order, the counts add up, the
 /// ratio is over all runs, and the router's counters show one message per
 /// expert per layer per micro-batch.
@@ -90,7 +91,7 @@ fn bench_compares_distributed_with_in_process() {
         .arg("bench")
         .arg("--model")
         .arg(&model)
-        .args(["--compare-local", "--json", "--concurrency", "3"])
+        .args(["--compare-in-process", "--json", "--concurrency", "3"])
         .args([
             "--requests",
             "5",
@@ -111,7 +112,10 @@ fn bench_compares_distributed_with_in_process() {
     assert_eq!(report["workload"]["requests"], 5);
     let runs = report["runs"].as_array().unwrap();
     let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
-    assert_eq!(modes, ["distributed", "local", "local", "distributed"]);
+    assert_eq!(
+        modes,
+        ["distributed", "in-process", "in-process", "distributed"]
+    );
     let rounds: Vec<u64> = runs.iter().map(|r| r["round"].as_u64().unwrap()).collect();
     assert_eq!(rounds, [0, 0, 1, 1]);
     for run in runs {

@@ -7,7 +7,7 @@ pub enum ExpertError {
     Tensor(#[from] moe_proto::CodecError),
     #[error("layer {layer} is not served here (this process serves layers {start}..{end})")]
     Layer {
-        layer: u32,
+        layer: usize,
         start: usize,
         end: usize,
     },

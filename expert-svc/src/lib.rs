@@ -2,12 +2,12 @@
 //!
 //! An expert service loads one expert's SwiGLU matrices for a range of
 //! layers and nothing else. Every message queued for the same layer, from
-//! whichever stream, shares one matrix product. Experts keep no per-request
+//! whichever stream, shares one forward pass. Experts keep no per-request
 //! state, so any replica can answer any message.
 
 mod config;
 mod error;
-mod products;
+mod forward_queue;
 mod server;
 mod service;
 mod skinny_matmul;
@@ -15,7 +15,7 @@ mod weights;
 
 pub use config::{Args, Config, parse_layers};
 pub use error::ExpertError;
-pub use products::ProductQueue;
+pub use forward_queue::ForwardQueue;
 pub use server::{run, shutdown_signal};
 pub use service::ExpertService;
 pub use weights::ExpertWeights;

@@ -5,7 +5,9 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Storage, Tensor};
 use moe_model::{Checkpoint, ModelError, layout};
+use moe_proto::v1::DescribeResponse;
 
+use crate::ExpertError;
 use crate::skinny_matmul::{self, skinny_matmul};
 
 /// Kept as `[in, out]` ([`Checkpoint::load_transposed`]), so that products
@@ -18,7 +20,10 @@ struct LayerWeights {
     down: Tensor,
 }
 
+/// The one owner of which layers an expert serves: every message's layer is
+/// checked here before it indexes anything, and Describe reports it.
 pub struct ExpertWeights {
+    expert: usize,
     layers: Range<usize>,
     intermediate_size: usize,
     weights: Vec<LayerWeights>,
@@ -38,13 +43,13 @@ impl ExpertWeights {
     ) -> Result<Self, ModelError> {
         let config = checkpoint.config();
         if expert >= config.num_local_experts {
-            return Err(ModelError::Config(format!(
+            return Err(ModelError::NotInCheckpoint(format!(
                 "expert {expert} does not exist: the checkpoint has {} experts",
                 config.num_local_experts
             )));
         }
         if layers.is_empty() || layers.end > config.num_hidden_layers {
-            return Err(ModelError::Config(format!(
+            return Err(ModelError::NotInCheckpoint(format!(
                 "layers {}..{} are not a non-empty range within the checkpoint's 0..{}",
                 layers.start, layers.end, config.num_hidden_layers
             )));
@@ -66,6 +71,7 @@ impl ExpertWeights {
             && skinny_matmul::available()
             && weights.iter().all(|w| w.gate_up.dtype() == DType::F32);
         Ok(Self {
+            expert,
             layers,
             intermediate_size: config.intermediate_size,
             weights,
@@ -73,18 +79,50 @@ impl ExpertWeights {
         })
     }
 
-    pub fn layers(&self) -> Range<usize> {
-        self.layers.clone()
+    /// Whether this expert serves `layer`; the error names what it serves.
+    pub fn check_layer(&self, layer: usize) -> Result<(), ExpertError> {
+        self.layer_weights(layer)
+            .map(drop)
+            .ok_or(ExpertError::Layer {
+                layer,
+                start: self.layers.start,
+                end: self.layers.end,
+            })
     }
 
-    pub fn serves(&self, layer: usize) -> bool {
-        self.layers.contains(&layer)
+    fn layer_weights(&self, layer: usize) -> Option<&LayerWeights> {
+        if !self.layers.contains(&layer) {
+            return None;
+        }
+        self.weights.get(layer - self.layers.start)
+    }
+
+    /// What Describe reports about this expert (its work counters aside).
+    pub fn describe(&self, checkpoint: &Checkpoint, device: &str) -> DescribeResponse {
+        let config = checkpoint.config();
+        DescribeResponse {
+            expert: self.expert as u32,
+            layer_start: self.layers.start as u32,
+            layer_end: self.layers.end as u32,
+            hidden_size: config.hidden_size as u32,
+            intermediate_size: config.intermediate_size as u32,
+            num_experts: config.num_local_experts as u32,
+            weight_dtype: "f32".into(),
+            device: device.to_owned(),
+            model_fingerprint: checkpoint.fingerprint().to_owned(),
+            rows_served: 0,
+            forward_passes: 0,
+        }
     }
 
     /// `w2(silu(w1 x) * w3 x)` for `x` of shape `[rows, hidden]`.
-    /// `layer` must be one of [`ExpertWeights::layers`].
     pub fn forward(&self, layer: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-        let weights = &self.weights[layer - self.layers.start];
+        let weights = self.layer_weights(layer).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "layer {layer} is not served here (layers {}..{})",
+                self.layers.start, self.layers.end
+            ))
+        })?;
         if self.skinny && x.dim(0)? <= skinny_matmul::MAX_ROWS && x.dtype() == DType::F32 {
             return self.forward_skinny(weights, x);
         }

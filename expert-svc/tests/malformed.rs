@@ -4,7 +4,7 @@
 
 use moe_e2e::{start_expert, tiny_checkpoint};
 use moe_proto::v1::expert_client::ExpertClient;
-use moe_proto::v1::expert_result::Result as Answer;
+use moe_proto::v1::expert_result::Result as Outcome;
 use moe_proto::v1::{DType, DescribeRequest, ExpertBatch, ExpertResult, Tensor};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -64,7 +64,7 @@ async fn send_then_valid(channel: Channel, message: ExpertBatch) -> (ExpertResul
 
 fn refusal(result: &ExpertResult) -> (Code, String) {
     match &result.result {
-        Some(Answer::Error(status)) => (Code::from_i32(status.code), status.message.clone()),
+        Some(Outcome::Error(status)) => (Code::from_i32(status.code), status.message.clone()),
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -86,7 +86,7 @@ async fn assert_refused(message: ExpertBatch, expected: &str) {
     // The same stream answers the next message...
     assert_eq!(second.request_id, 99);
     match second.result {
-        Some(Answer::Output(output)) => assert_eq!(output.shape, vec![3, HIDDEN as u64]),
+        Some(Outcome::Output(output)) => assert_eq!(output.shape, vec![3, HIDDEN as u64]),
         other => panic!("expected an output, got {other:?}"),
     }
     // ...and the process still serves new calls.

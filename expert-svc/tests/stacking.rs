@@ -1,11 +1,10 @@
 //! Messages that wait for the expert while it computes are stacked into one
-//! matrix product per layer, and each caller still gets exactly its own
-//! rows back, equal to what it gets when its message runs alone.
+//! forward pass per layer, and each caller still gets exactly its own rows
+//! back, equal to what it gets when its message runs alone.
 
 use moe_e2e::{start_expert, tiny_checkpoint};
-use moe_proto::MAX_MESSAGE_BYTES;
-use moe_proto::v1::expert_client::ExpertClient;
-use moe_proto::v1::expert_result::Result as Answer;
+use moe_proto::transport;
+use moe_proto::v1::expert_result::Result as Outcome;
 use moe_proto::v1::{DType, DescribeRequest, DescribeResponse, ExpertBatch, Tensor};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,7 +16,7 @@ const HIDDEN: usize = 64;
 const BUSY_ROWS: usize = 16_384;
 const SMALL_MESSAGES: usize = 8;
 
-/// `rows` rows whose values depend on `seed`, so that answers that came
+/// `rows` rows whose values depend on `seed`, so that results that came
 /// back to the wrong caller would not match.
 fn rows(rows: usize, seed: usize) -> Tensor {
     let data: Vec<u8> = (0..rows * HIDDEN)
@@ -30,14 +29,12 @@ fn rows(rows: usize, seed: usize) -> Tensor {
     }
 }
 
-/// Sends `messages` on one stream back to back and returns the answers'
+/// Sends `messages` on one stream back to back and returns the results'
 /// bytes by request id (1, 2, ...).
 async fn forward_all(channel: &Channel, messages: Vec<(u32, Tensor)>) -> Vec<Vec<u8>> {
     let count = messages.len();
     let (sender, receiver) = mpsc::channel(count);
-    let mut answers = ExpertClient::new(channel.clone())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    let mut results = transport::expert_client(channel.clone())
         .forward(ReceiverStream::new(receiver))
         .await
         .expect("stream opens")
@@ -52,9 +49,9 @@ async fn forward_all(channel: &Channel, messages: Vec<(u32, Tensor)>) -> Vec<Vec
     }
     let mut by_id = vec![Vec::new(); count];
     for _ in 0..count {
-        let result = answers.message().await.unwrap().expect("an answer");
+        let result = results.message().await.unwrap().expect("a result");
         match result.result {
-            Some(Answer::Output(tensor)) => {
+            Some(Outcome::Output(tensor)) => {
                 by_id[result.request_id as usize - 1] = tensor.data.to_vec()
             }
             other => panic!("request {} refused: {other:?}", result.request_id),
@@ -64,7 +61,7 @@ async fn forward_all(channel: &Channel, messages: Vec<(u32, Tensor)>) -> Vec<Vec
 }
 
 async fn describe(channel: &Channel) -> DescribeResponse {
-    ExpertClient::new(channel.clone())
+    transport::expert_client(channel.clone())
         .describe(DescribeRequest {})
         .await
         .unwrap()
@@ -72,39 +69,36 @@ async fn describe(channel: &Channel) -> DescribeResponse {
 }
 
 #[tokio::test]
-async fn waiting_messages_share_one_product_and_keep_their_own_rows() {
+async fn waiting_messages_share_one_forward_pass_and_keep_their_own_rows() {
     let model = tiny_checkpoint();
     let expert = start_expert(model.path(), 5, "0..2").await;
     let channel = moe_proto::transport::connect(&expert.uri()).await.unwrap();
 
-    // Each small message alone: the reference answers.
+    // Each small message alone: the reference results.
     let mut alone = Vec::new();
     for seed in 0..SMALL_MESSAGES {
         alone.extend(forward_all(&channel, vec![(1, rows(1 + seed % 3, seed))]).await);
     }
     let before = describe(&channel).await;
-    assert_eq!(before.products_run, SMALL_MESSAGES as u64);
+    assert_eq!(before.forward_passes, SMALL_MESSAGES as u64);
 
-    // A large product for layer 0, then the small ones for layer 1 while it
+    // A large pass for layer 0, then the small ones for layer 1 while it
     // runs.
     let mut messages = vec![(0, rows(BUSY_ROWS, 99))];
     messages.extend((0..SMALL_MESSAGES).map(|seed| (1, rows(1 + seed % 3, seed))));
-    let answers = forward_all(&channel, messages).await;
-    assert_eq!(answers[0].len(), BUSY_ROWS * HIDDEN * 4);
-    for (seed, (stacked, reference)) in answers[1..].iter().zip(&alone).enumerate() {
+    let results = forward_all(&channel, messages).await;
+    assert_eq!(results[0].len(), BUSY_ROWS * HIDDEN * 4);
+    for (seed, (stacked, reference)) in results[1..].iter().zip(&alone).enumerate() {
         assert_eq!(stacked, reference, "small message {seed}");
     }
 
     let after = describe(&channel).await;
-    let products = after.products_run - before.products_run;
+    let passes = after.forward_passes - before.forward_passes;
     let messages = 1 + SMALL_MESSAGES as u64;
-    // Two products (the large one, then the small ones stacked), or three
+    // Two passes (the large one, then the small ones stacked), or three
     // if some small ones were already queued when the large one started:
-    // those share a product, and the rest share the next.
-    assert!(
-        products <= 3,
-        "{messages} messages took {products} products"
-    );
+    // those share a pass, and the rest share the next.
+    assert!(passes <= 3, "{messages} messages took {passes} passes");
     let small_rows: u64 = (0..SMALL_MESSAGES).map(|seed| 1 + seed as u64 % 3).sum();
     assert_eq!(
         after.rows_served - before.rows_served,

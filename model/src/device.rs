@@ -4,10 +4,14 @@ use candle_core::Device;
 
 use crate::ModelError;
 
-/// Opens the device a flag names. `cuda:N` needs a build with the `cuda`
-/// feature; without it candle says so, and so does the error.
+/// Opens the device a flag names. `cuda:N` needs a build with candle's
+/// CUDA backend, which the default build does not enable: the error says
+/// so rather than letting candle fail later.
 pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
-    let invalid = |why: String| ModelError::Config(format!("--device {spec:?}: {why}"));
+    let invalid = |why: String| ModelError::Device {
+        spec: spec.to_owned(),
+        why,
+    };
     match spec {
         "cpu" => Ok(Device::Cpu),
         _ => {
@@ -16,6 +20,12 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
                 .ok_or_else(|| invalid("expected cpu or cuda:N".into()))?
                 .parse::<usize>()
                 .map_err(|err| invalid(err.to_string()))?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(invalid(
+                    "this build has no CUDA support (candle's cuda feature is off); use --device cpu"
+                        .into(),
+                ));
+            }
             Device::new_cuda(ordinal).map_err(|err| invalid(err.to_string()))
         }
     }
@@ -79,5 +89,12 @@ mod tests {
         let err = parse_device("tpu").unwrap_err().to_string();
         assert!(err.contains("expected cpu or cuda:N"), "{err}");
         assert!(parse_device("cuda:x").is_err());
+    }
+
+    #[test]
+    fn cuda_in_a_cpu_build_is_refused_naming_the_build_not_the_config() {
+        let err = parse_device("cuda:0").unwrap_err().to_string();
+        assert!(err.contains("no CUDA support"), "{err}");
+        assert!(!err.contains("config.json"), "{err}");
     }
 }

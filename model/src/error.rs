@@ -11,6 +11,12 @@ pub enum ModelError {
     },
     #[error("invalid config.json: {0}")]
     Config(String),
+    /// An expert or layer that the checkpoint does not have was asked for.
+    #[error("{0}")]
+    NotInCheckpoint(String),
+    /// A `--device` value that this build or machine cannot open.
+    #[error("--device {spec:?}: {why}")]
+    Device { spec: String, why: String },
     #[error("checkpoint {dir} has no model.safetensors nor model.safetensors.index.json")]
     NoWeights { dir: PathBuf },
     #[error("invalid {path}: {message}")]

@@ -7,6 +7,7 @@
 #[cfg(not(target_endian = "little"))]
 compile_error!("the tensor codec sends host memory as little-endian bytes");
 
+pub mod expert_mode;
 pub mod listen;
 pub mod tensor_codec;
 pub mod transport;
@@ -26,5 +27,6 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// (2048 rows × 8192 × 4 bytes is 64 MiB), so every client and server sets it.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
+pub use expert_mode::ExpertMode;
 pub use listen::{ListenAddr, Listener};
 pub use tensor_codec::{CodecError, WireDType};

@@ -83,6 +83,12 @@ impl WireDType {
     }
 }
 
+impl std::fmt::Display for WireDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for WireDType {
     type Err = String;
 

@@ -1,13 +1,52 @@
 //! The transport settings every moe-serve hop shares, set explicitly on both
 //! sides: message size limits (tonic's 4 MiB default is too small for a
-//! prefill step), HTTP/2 windows, TCP_NODELAY and keepalives.
+//! prefill step), HTTP/2 windows, TCP_NODELAY and keepalives; and the
+//! serve-then-drain sequence both services follow.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::server::NamedService;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Channel, Endpoint, Server};
+use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+
+use crate::v1::expert_client::ExpertClient;
+use crate::v1::expert_server::{Expert, ExpertServer};
+use crate::v1::inference_client::InferenceClient;
+use crate::v1::inference_server::{Inference, InferenceServer};
+use crate::{Listener, MAX_MESSAGE_BYTES};
+
+/// The public API's server, with [`MAX_MESSAGE_BYTES`] both ways.
+pub fn inference_server<T: Inference>(service: T) -> InferenceServer<T> {
+    InferenceServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// An expert's server, with [`MAX_MESSAGE_BYTES`] both ways.
+pub fn expert_server<T: Expert>(service: T) -> ExpertServer<T> {
+    ExpertServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// A client of the public API, with [`MAX_MESSAGE_BYTES`] both ways.
+pub fn inference_client(channel: Channel) -> InferenceClient<Channel> {
+    InferenceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// A client of an expert, with [`MAX_MESSAGE_BYTES`] both ways.
+pub fn expert_client(channel: Channel) -> ExpertClient<Channel> {
+    ExpertClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
 
 /// HTTP/2 flow-control windows. A prefill step sends each expert hundreds
 /// of KiB per layer, and HTTP/2's 64 KiB default would stall every message
@@ -136,21 +175,55 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Runs `server` to completion, but for no longer than `grace` after
-/// `draining` turns true. Long-lived streams (an expert's Forward, a long
-/// Generate) would otherwise hold a graceful shutdown open for as long as
-/// their callers like.
-pub async fn serve_with_grace<E>(
-    server: impl std::future::Future<Output = Result<(), E>>,
-    mut draining: tokio::sync::watch::Receiver<bool>,
+/// Sets the health of `S` and the overall health ("", what a Kubernetes
+/// gRPC probe asks by default) together.
+pub async fn set_serving<S: NamedService>(health: &HealthReporter, serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
+    health.set_service_status(S::NAME, status).await;
+}
+
+/// A process's drain switch: false while serving, true from the moment it
+/// starts draining. Services hold the receiver and stop taking new work
+/// when it turns.
+pub fn drain_switch() -> (watch::Sender<bool>, watch::Receiver<bool>) {
+    watch::channel(false)
+}
+
+/// Serves `server` on `listener` until `shutdown` resolves, then drains:
+/// reports `S` (and the process) NOT_SERVING, flips `draining`, stops
+/// accepting connections, and waits for open streams to end, for no longer
+/// than `grace`. Long-lived streams (an expert's Forward, a long Generate)
+/// would otherwise hold the shutdown open for as long as their callers
+/// like.
+pub async fn serve_then_drain<S: NamedService>(
+    server: Router,
+    listener: Listener,
+    shutdown: impl Future<Output = ()>,
+    health: HealthReporter,
+    draining: watch::Sender<bool>,
     grace: Duration,
-) -> Result<(), E> {
+) -> Result<(), tonic::transport::Error> {
+    let mut drained = draining.subscribe();
+    let stop = async move {
+        shutdown.await;
+        tracing::info!(
+            ?grace,
+            "draining: taking no new work, finishing what is running"
+        );
+        set_serving::<S>(&health, false).await;
+        let _ = draining.send(true);
+    };
     let deadline = async move {
-        let _ = draining.wait_for(|draining| *draining).await;
+        let _ = drained.wait_for(|draining| *draining).await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = server => result,
+        result = listener.serve(server, stop) => result,
         _ = deadline => {
             tracing::warn!(?grace, "grace period elapsed with streams still open; exiting");
             Ok(())

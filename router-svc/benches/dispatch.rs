@@ -1,9 +1,9 @@
 //! The router's own share of an MoE layer: gate, gathering each expert's
-//! rows, and combining the weighted answers, at the small preset's shapes
-//! (16 experts, top-2, d_model 512), over a backend that answers at once
+//! rows, and combining the weighted results, at the small preset's shapes
+//! (16 experts, top-2, d_model 512), over a backend that replies at once
 //! (it echoes the rows). What is measured is what the router adds on top of
-//! the experts' products, at a decode step (32 rows) and a prefill step
-//! (1024 rows).
+//! the experts' forward passes, at a decode step (32 rows) and a prefill
+//! step (1024 rows).
 //!
 //! `cargo bench -p router-svc --bench dispatch`
 
@@ -36,7 +36,7 @@ fn dispatch(c: &mut Criterion) {
     let dispatcher = MoeDispatcher::new(
         Gate::new(vec![gate_weight], 2).unwrap(),
         Echo,
-        Arc::new(RouterStats::new(EXPERTS, "none")),
+        Arc::new(RouterStats::new(EXPERTS, None)),
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()

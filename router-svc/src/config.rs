@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use moe_proto::{ListenAddr, WireDType};
+use moe_proto::{ExpertMode, ListenAddr, WireDType};
 
 use crate::RouterError;
-use crate::cluster::{self, ExpertEndpoint};
+use crate::endpoints::{self, ExpertEndpoint};
 use crate::scheduler::SchedulerConfig;
 
 /// Serve a Mixture-of-Experts model: the public API, attention and gate
@@ -24,16 +24,23 @@ pub struct Args {
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: ListenAddr,
     /// An expert endpoint: E=URI, or E@A..B=URI for layers A..B only.
-    /// Repeat for every expert (and replica).
-    #[arg(long = "expert", value_name = "SPEC")]
+    /// Repeat for every expert (and replica); the variable takes a
+    /// comma-separated list.
+    #[arg(
+        long = "expert",
+        value_name = "SPEC",
+        env = "MOE_EXPERTS",
+        value_delimiter = ','
+    )]
     pub experts: Vec<String>,
     /// A JSON cluster file listing the expert endpoints.
     #[arg(long, env = "MOE_CLUSTER")]
     pub cluster: Option<PathBuf>,
-    /// Run every expert inside this process (same kernels, no network).
-    #[arg(long)]
-    pub local_experts: bool,
-    /// `cpu` or `cuda:N`, for attention (and local experts).
+    /// Run every expert inside this process (the in-process mode: same
+    /// kernels, no network).
+    #[arg(long, env = "MOE_IN_PROCESS", alias = "local-experts")]
+    pub in_process: bool,
+    /// `cpu` or `cuda:N`, for attention (and the experts, in-process).
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Tokens per step at most (decodes plus prompt chunks).
@@ -48,7 +55,8 @@ pub struct Args {
     /// Sequences running at once at most.
     #[arg(long, env = "MOE_MAX_RUNNING", default_value_t = 128)]
     pub max_running: usize,
-    /// Requests waiting for admission at most; more get RESOURCE_EXHAUSTED.
+    /// Requests waiting for a running slot at most; more get
+    /// RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "MOE_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
     /// Seconds an expert may take to answer one message.
@@ -66,10 +74,22 @@ pub struct Args {
     pub sched_batch: bool,
 }
 
+/// Where the experts are.
 #[derive(Debug, Clone)]
 pub enum ExpertPlacement {
-    Local,
-    Remote(Vec<ExpertEndpoint>),
+    /// expert-svc processes at these endpoints.
+    Distributed(Vec<ExpertEndpoint>),
+    /// In this process.
+    InProcess,
+}
+
+impl ExpertPlacement {
+    pub fn mode(&self) -> ExpertMode {
+        match self {
+            Self::Distributed(_) => ExpertMode::Distributed,
+            Self::InProcess => ExpertMode::InProcess,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,23 +108,23 @@ impl TryFrom<Args> for Config {
     type Error = RouterError;
 
     fn try_from(args: Args) -> Result<Self, RouterError> {
-        let sources = usize::from(args.local_experts)
+        let sources = usize::from(args.in_process)
             + usize::from(!args.experts.is_empty())
             + usize::from(args.cluster.is_some());
         if sources != 1 {
-            return Err(RouterError::InvalidArgument(
-                "say where the experts are with exactly one of --local-experts, --expert or --cluster".into(),
+            return Err(RouterError::invalid(
+                "say where the experts are with exactly one of --in-process, --expert or --cluster",
             ));
         }
-        let experts = if args.local_experts {
-            ExpertPlacement::Local
+        let experts = if args.in_process {
+            ExpertPlacement::InProcess
         } else if let Some(path) = &args.cluster {
-            ExpertPlacement::Remote(cluster::read_file(path)?)
+            ExpertPlacement::Distributed(endpoints::read_cluster_file(path)?)
         } else {
-            ExpertPlacement::Remote(
+            ExpertPlacement::Distributed(
                 args.experts
                     .iter()
-                    .map(|flag| cluster::parse_flag(flag))
+                    .map(|flag| endpoints::parse_flag(flag))
                     .collect::<Result<_, _>>()?,
             )
         };
@@ -114,9 +134,7 @@ impl TryFrom<Args> for Config {
             ("--queue-capacity", args.queue_capacity),
         ] {
             if value == 0 {
-                return Err(RouterError::InvalidArgument(format!(
-                    "{name} must be positive"
-                )));
+                return Err(RouterError::invalid(format!("{name} must be positive")));
             }
         }
         Ok(Self {

@@ -1,5 +1,6 @@
 //! One error enum for the router, mapped to gRPC codes in one place.
 
+use tokio::sync::mpsc::error::TrySendError;
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,21 @@ pub enum RouterError {
 }
 
 impl RouterError {
+    /// A request field or flag is wrong; `message` names it.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidArgument(message.into())
+    }
+
+    /// A full or closed bounded queue, refused out loud: a full one is
+    /// RESOURCE_EXHAUSTED with `full()` saying which queue, a closed one
+    /// means the process is shutting down.
+    pub fn refused<T>(err: TrySendError<T>, full: impl FnOnce() -> String) -> Self {
+        match err {
+            TrySendError::Full(_) => Self::Overloaded(full()),
+            TrySendError::Closed(_) => Self::ShuttingDown,
+        }
+    }
+
     /// The one place where the router's failures become gRPC codes.
     pub fn code(&self) -> Code {
         match self {

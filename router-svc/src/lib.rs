@@ -5,11 +5,11 @@
 //! through the attention-svc crate. For every layer of every step it sends
 //! each expert one message with all of the rows routed to it.
 
-pub mod cluster;
 mod config;
 pub mod cpu_policy;
 mod detokenizer;
 pub mod dispatch;
+pub mod endpoints;
 mod error;
 pub mod gate;
 mod readiness;

@@ -24,10 +24,6 @@ pub struct ValidRequest {
     pub stop_at_eos: bool,
 }
 
-fn invalid(message: String) -> RouterError {
-    RouterError::InvalidArgument(message)
-}
-
 pub fn validate(
     request: GenerateRequest,
     config: &ModelConfig,
@@ -36,8 +32,8 @@ pub fn validate(
     let prompt = match request.prompt {
         Some(Prompt::Text(text)) => {
             if text.is_empty() {
-                return Err(invalid(
-                    "prompt is empty: text must hold at least one character".into(),
+                return Err(RouterError::invalid(
+                    "prompt is empty: text must hold at least one character",
                 ));
             }
             let tokenizer = tokenizer.ok_or_else(|| {
@@ -45,23 +41,27 @@ pub fn validate(
                     "this checkpoint has no tokenizer.json: send token_ids instead of text".into(),
                 )
             })?;
-            let encoding = tokenizer
-                .encode(text.as_str(), false)
-                .map_err(|err| invalid(format!("prompt text cannot be tokenised: {err}")))?;
+            let encoding = tokenizer.encode(text.as_str(), false).map_err(|err| {
+                RouterError::invalid(format!("prompt text cannot be tokenised: {err}"))
+            })?;
             encoding.get_ids().to_vec()
         }
         Some(Prompt::TokenIds(ids)) => ids.ids,
-        None => return Err(invalid("prompt is empty: set text or token_ids".into())),
+        None => {
+            return Err(RouterError::invalid(
+                "prompt is empty: set text or token_ids",
+            ));
+        }
     };
     if prompt.is_empty() {
-        return Err(invalid("prompt is empty: it holds no tokens".into()));
+        return Err(RouterError::invalid("prompt is empty: it holds no tokens"));
     }
     if let Some((index, id)) = prompt
         .iter()
         .enumerate()
         .find(|(_, id)| **id as usize >= config.vocab_size)
     {
-        return Err(invalid(format!(
+        return Err(RouterError::invalid(format!(
             "token_ids[{index}] = {id} is outside the vocabulary (vocab_size {})",
             config.vocab_size
         )));
@@ -69,34 +69,36 @@ pub fn validate(
     let context = config.max_position_embeddings;
     let room = context.saturating_sub(prompt.len());
     let max_tokens = match request.max_tokens {
-        Some(0) => return Err(invalid("max_tokens must be at least 1".into())),
+        Some(0) => return Err(RouterError::invalid("max_tokens must be at least 1")),
         Some(n) => n as usize,
         None => DEFAULT_MAX_TOKENS.min(room),
     };
     if max_tokens == 0 || prompt.len() + max_tokens > context {
-        return Err(invalid(format!(
+        return Err(RouterError::invalid(format!(
             "prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the context length ({context})",
             prompt.len()
         )));
     }
     let temperature = request.temperature.unwrap_or(1.0);
     if !(temperature >= 0.0 && temperature.is_finite()) {
-        return Err(invalid(format!(
+        return Err(RouterError::invalid(format!(
             "temperature must be >= 0, got {temperature}"
         )));
     }
     let top_p = request.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(invalid(format!("top_p must be in (0, 1], got {top_p}")));
+        return Err(RouterError::invalid(format!(
+            "top_p must be in (0, 1], got {top_p}"
+        )));
     }
     if request.top_k < 0 {
-        return Err(invalid(format!(
+        return Err(RouterError::invalid(format!(
             "top_k must be >= 0, got {}",
             request.top_k
         )));
     }
     if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(String::is_empty) {
-        return Err(invalid(format!(
+        return Err(RouterError::invalid(format!(
             "stop must hold at most {MAX_STOP_STRINGS} non-empty strings"
         )));
     }

@@ -6,22 +6,22 @@ use std::sync::Arc;
 use attention_svc::Engine;
 use moe_model::{Checkpoint, parse_device};
 use moe_proto::v1::inference_server::InferenceServer;
-use moe_proto::{Listener, MAX_MESSAGE_BYTES, transport};
+use moe_proto::{Listener, transport};
 use tokenizers::Tokenizer;
 use tokio::sync::watch;
-use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::config::{Config, ExpertPlacement};
 use crate::dispatch::{
-    EndpointClient, LocalExperts, MoeDispatcher, RemoteExperts, remote::DispatchSettings,
+    DistributedExperts, EndpointClient, Experts, InProcessExperts, MoeDispatcher,
+    remote::DispatchSettings,
 };
 use crate::gate::Gate;
 use crate::readiness::{self, Expected, Readiness};
-use crate::scheduler::{self, SchedulerHandle};
+use crate::scheduler;
 use crate::service::{InferenceService, ServedModel};
 use crate::stats::RouterStats;
-use crate::{RouterError, cluster};
+use crate::{RouterError, endpoints};
 
 /// Loads the model, starts the scheduler and serves the public API on
 /// `listener` until `shutdown` resolves; then refuses new requests, lets
@@ -35,118 +35,101 @@ pub async fn run(
     let checkpoint = Checkpoint::open(&config.model)?;
     let engine = Arc::new(Engine::load(&checkpoint, &device)?);
     let gate = Gate::load(&checkpoint, &device)?;
+    let mode = config.experts.mode();
     let model = Arc::new(ServedModel {
         config: checkpoint.config().clone(),
         fingerprint: checkpoint.fingerprint().to_owned(),
         tokenizer: load_tokenizer(&checkpoint)?,
-        expert_mode: match config.experts {
-            ExpertPlacement::Local => "local",
-            ExpertPlacement::Remote(_) => "distributed",
-        },
+        expert_mode: mode,
     });
     let (health, server) = transport::server_with_health_and_reflection();
-    set_serving(&health, false).await;
+    transport::set_serving::<InferenceServer<InferenceService>>(&health, false).await;
 
     let wire_dtype = match config.experts {
-        ExpertPlacement::Local => "none",
-        ExpertPlacement::Remote(_) => config.wire_dtype.name(),
+        ExpertPlacement::Distributed(_) => Some(config.wire_dtype),
+        ExpertPlacement::InProcess => None,
     };
     let stats = Arc::new(RouterStats::new(
         checkpoint.config().num_local_experts,
         wire_dtype,
     ));
-    let (scheduler, readiness) = start(
-        &config,
-        &checkpoint,
+    let (experts, readiness) = connect_experts(&config, &checkpoint, engine.device(), &stats)?;
+    let moe = MoeDispatcher::new(gate, experts, stats.clone());
+    let scheduler = scheduler::spawn(
         engine,
-        gate,
+        moe,
+        config.scheduler.clone(),
         stats.clone(),
         tokio::runtime::Handle::current(),
     )?;
     drop(checkpoint);
     tokio::spawn(report_health(readiness.clone(), health.clone()));
 
-    let (draining, drain_signal) = watch::channel(false);
-    let service = InferenceService::new(model, scheduler, readiness, stats, drain_signal.clone());
-    tracing::info!(addr = %listener.local_addr()?, "router serving");
-    let stop = async move {
-        shutdown.await;
-        tracing::info!("draining: refusing new requests, finishing running ones");
-        set_serving(&health, false).await;
-        let _ = draining.send(true);
-    };
-    let server = server.add_service(
-        InferenceServer::new(service)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    );
-    let server = listener.serve(server, stop);
-    Ok(transport::serve_with_grace(server, drain_signal, config.shutdown_grace).await?)
+    let (draining, drain_signal) = transport::drain_switch();
+    let service = InferenceService::new(model, scheduler, readiness, stats, drain_signal);
+    tracing::info!(addr = %listener.local_addr()?, %mode, "router serving");
+    let server = server.add_service(transport::inference_server(service));
+    Ok(
+        transport::serve_then_drain::<InferenceServer<InferenceService>>(
+            server,
+            listener,
+            shutdown,
+            health,
+            draining,
+            config.shutdown_grace,
+        )
+        .await?,
+    )
 }
 
-/// Builds the MoE backend the config asks for and starts the scheduler
-/// over it. Local experts are ready at once; remote ones once each has
-/// answered Describe correctly.
-fn start(
+/// The experts the config places: in-process ones are ready at once;
+/// distributed ones once each endpoint has answered Describe correctly,
+/// which a background task checks.
+fn connect_experts(
     config: &Config,
     checkpoint: &Checkpoint,
-    engine: Arc<Engine>,
-    gate: Gate,
-    stats: Arc<RouterStats>,
-    runtime: tokio::runtime::Handle,
-) -> Result<(SchedulerHandle, Readiness), RouterError> {
+    device: &candle_core::Device,
+    stats: &Arc<RouterStats>,
+) -> Result<(Experts, Readiness), RouterError> {
     let model = checkpoint.config();
-    let num_experts = model.num_local_experts;
-    match &config.experts {
-        ExpertPlacement::Local => {
-            let experts = LocalExperts::load(checkpoint, engine.device())?;
-            let moe = Arc::new(MoeDispatcher::new(gate, experts, stats.clone()));
-            let scheduler =
-                scheduler::spawn(engine, moe, config.scheduler.clone(), stats, runtime)?;
-            Ok((scheduler, watch::channel(Ok(())).1))
+    let endpoints = match &config.experts {
+        ExpertPlacement::InProcess => {
+            let experts = InProcessExperts::load(checkpoint, device)?;
+            return Ok((Experts::InProcess(experts), watch::channel(Ok(())).1));
         }
-        ExpertPlacement::Remote(endpoints) => {
-            let settings = DispatchSettings {
-                timeout: config.expert_timeout,
-                wire_dtype: config.wire_dtype,
-                hidden_size: model.hidden_size,
-            };
-            let layout = cluster::layout(endpoints, num_experts, model.num_hidden_layers)?;
-            let mut clients = Vec::with_capacity(layout.len());
-            let mut to_check = Vec::new();
-            for (expert, served) in layout.into_iter().enumerate() {
-                let mut per_expert = Vec::with_capacity(served.len());
-                for (layers, endpoint) in served {
-                    let client = EndpointClient::spawn(
-                        expert,
-                        &endpoint.uri,
-                        settings.clone(),
-                        stats.clone(),
-                    )?;
-                    to_check.push((expert, layers.clone(), client.clone()));
-                    per_expert.push((layers, client));
-                }
-                clients.push(per_expert);
-            }
-            let moe = Arc::new(MoeDispatcher::new(
-                gate,
-                RemoteExperts::new(clients),
-                stats.clone(),
-            ));
-            let scheduler =
-                scheduler::spawn(engine, moe, config.scheduler.clone(), stats, runtime)?;
-            let (state, readiness) = readiness::not_ready("no expert has answered yet");
-            let (model, fingerprint) = (model.clone(), checkpoint.fingerprint().to_owned());
-            tokio::spawn(async move {
-                let expected = Expected {
-                    config: &model,
-                    fingerprint: &fingerprint,
-                };
-                readiness::wait_for_experts(to_check, expected, state).await;
-            });
-            Ok((scheduler, readiness))
+        ExpertPlacement::Distributed(endpoints) => endpoints,
+    };
+    let settings = DispatchSettings {
+        timeout: config.expert_timeout,
+        wire_dtype: config.wire_dtype,
+        hidden_size: model.hidden_size,
+    };
+    let layout = endpoints::layout(endpoints, model.num_local_experts, model.num_hidden_layers)?;
+    let mut clients = Vec::with_capacity(layout.len());
+    let mut to_check = Vec::new();
+    for (expert, served) in layout.into_iter().enumerate() {
+        let mut per_expert = Vec::with_capacity(served.len());
+        for (layers, endpoint) in served {
+            let client =
+                EndpointClient::spawn(expert, &endpoint.uri, settings.clone(), stats.clone())?;
+            to_check.push((expert, layers.clone(), client.clone()));
+            per_expert.push((layers, client));
         }
+        clients.push(per_expert);
     }
+    let (state, readiness) = readiness::not_ready("no expert has answered yet");
+    let (model, fingerprint) = (model.clone(), checkpoint.fingerprint().to_owned());
+    tokio::spawn(async move {
+        let expected = Expected {
+            config: &model,
+            fingerprint: &fingerprint,
+        };
+        readiness::wait_for_experts(to_check, expected, state).await;
+    });
+    Ok((
+        Experts::Distributed(DistributedExperts::new(clients)),
+        readiness,
+    ))
 }
 
 fn load_tokenizer(checkpoint: &Checkpoint) -> Result<Option<Tokenizer>, RouterError> {
@@ -166,23 +149,6 @@ fn load_tokenizer(checkpoint: &Checkpoint) -> Result<Option<Tokenizer>, RouterEr
 /// Marks the service SERVING once ready, for Kubernetes readiness probes.
 async fn report_health(mut readiness: Readiness, health: HealthReporter) {
     if readiness.wait_for(Result::is_ok).await.is_ok() {
-        set_serving(&health, true).await;
+        transport::set_serving::<InferenceServer<InferenceService>>(&health, true).await;
     }
-}
-
-/// Flips both the overall health ("", what a Kubernetes gRPC probe asks
-/// by default) and the Inference service's.
-async fn set_serving(health: &HealthReporter, serving: bool) {
-    let status = if serving {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
-    health.set_service_status("", status).await;
-    health
-        .set_service_status(
-            <InferenceServer<InferenceService> as tonic::server::NamedService>::NAME,
-            status,
-        )
-        .await;
 }

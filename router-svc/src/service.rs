@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use moe_model::ModelConfig;
+use moe_proto::ExpertMode;
 use moe_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse,
     StatsRequest, StatsResponse, Usage, inference_server,
@@ -32,8 +33,7 @@ pub struct ServedModel {
     pub config: ModelConfig,
     pub fingerprint: String,
     pub tokenizer: Option<Tokenizer>,
-    /// "local" or "distributed".
-    pub expert_mode: &'static str,
+    pub expert_mode: ExpertMode,
 }
 
 #[derive(Clone)]
@@ -117,7 +117,7 @@ impl inference_server::Inference for InferenceService {
             vocab_size: config.vocab_size as u32,
             max_position_embeddings: config.max_position_embeddings as u32,
             model_fingerprint: self.model.fingerprint.clone(),
-            expert_mode: self.model.expert_mode.into(),
+            expert_mode: self.model.expert_mode.to_string(),
             intermediate_size: config.intermediate_size as u32,
             head_dim: config.head_dim as u32,
         }))

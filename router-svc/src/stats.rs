@@ -5,11 +5,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use moe_proto::WireDType;
 use moe_proto::v1::StatsResponse;
 
 #[derive(Debug)]
 pub struct RouterStats {
     steps: AtomicU64,
+    step_sequences: AtomicU64,
     step_tokens: AtomicU64,
     moe_dispatches: AtomicU64,
     experts_hit: AtomicU64,
@@ -17,16 +19,18 @@ pub struct RouterStats {
     wire_bytes_sent: AtomicU64,
     wire_bytes_received: AtomicU64,
     rows_by_expert: Vec<AtomicU64>,
-    wire_dtype: &'static str,
+    /// `None` in the in-process mode: nothing goes on a wire.
+    wire_dtype: Option<WireDType>,
 }
 
 /// gRPC's length prefix in front of every message on a stream.
 pub const GRPC_PREFIX_BYTES: u64 = 5;
 
 impl RouterStats {
-    pub fn new(num_experts: usize, wire_dtype: &'static str) -> Self {
+    pub fn new(num_experts: usize, wire_dtype: Option<WireDType>) -> Self {
         Self {
             steps: AtomicU64::new(0),
+            step_sequences: AtomicU64::new(0),
             step_tokens: AtomicU64::new(0),
             moe_dispatches: AtomicU64::new(0),
             experts_hit: AtomicU64::new(0),
@@ -38,8 +42,11 @@ impl RouterStats {
         }
     }
 
-    pub fn record_step(&self, tokens: usize) {
+    /// A step ran `sequences` sequences' `tokens` tokens.
+    pub fn record_step(&self, sequences: usize, tokens: usize) {
         self.steps.fetch_add(1, Ordering::Relaxed);
+        self.step_sequences
+            .fetch_add(sequences as u64, Ordering::Relaxed);
         self.step_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
@@ -72,6 +79,7 @@ impl RouterStats {
         let rows_by_expert: Vec<u64> = self.rows_by_expert.iter().map(load).collect();
         StatsResponse {
             steps: load(&self.steps),
+            step_sequences: load(&self.step_sequences),
             step_tokens: load(&self.step_tokens),
             moe_dispatches: load(&self.moe_dispatches),
             experts_hit: load(&self.experts_hit),
@@ -79,7 +87,7 @@ impl RouterStats {
             expert_messages: load(&self.expert_messages),
             wire_bytes_sent: load(&self.wire_bytes_sent),
             wire_bytes_received: load(&self.wire_bytes_received),
-            wire_dtype: self.wire_dtype.into(),
+            wire_dtype: self.wire_dtype.map(|dtype| dtype.to_string()),
             rows_by_expert,
         }
     }
@@ -91,14 +99,16 @@ mod tests {
 
     #[test]
     fn snapshot_sums_rows_and_counts_prefixes() {
-        let stats = RouterStats::new(4, "f32");
-        stats.record_step(10);
+        let stats = RouterStats::new(4, Some(WireDType::F32));
+        stats.record_step(3, 10);
         stats.record_dispatch([(0, 3), (2, 7)]);
         stats.record_dispatch([(2, 1)]);
         stats.record_sent(100);
         stats.record_received(90);
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.steps, 1);
+        assert_eq!(snapshot.step_sequences, 3);
+        assert_eq!(snapshot.wire_dtype.as_deref(), Some("f32"));
         assert_eq!(snapshot.step_tokens, 10);
         assert_eq!(snapshot.moe_dispatches, 2);
         assert_eq!(snapshot.experts_hit, 3);

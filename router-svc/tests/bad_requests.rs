@@ -2,6 +2,7 @@
 //! process keeps serving: after each refusal a valid request succeeds.
 
 use moe_e2e::{generate, greedy, start, tiny_checkpoint};
+use moe_proto::ExpertMode;
 use moe_proto::v1::{GenerateRequest, TokenIds, generate_request::Prompt};
 use tonic::Code;
 
@@ -10,7 +11,7 @@ use tonic::Code;
 /// `field`, then checks the same process still generates.
 async fn assert_refused(request: GenerateRequest, field: &str) {
     let model = tiny_checkpoint();
-    let cluster = start(model.path(), true).await;
+    let cluster = start(model.path(), ExpertMode::InProcess).await;
     let uri = cluster.router_uri();
     let status = generate(&uri, request)
         .await

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use moe::client::Completion;
 use moe::launcher::{Cluster, ClusterOptions, ExpertTransport};
 use moe_proto::v1::{GenerateRequest, TokenIds, generate_request::Prompt};
+use moe_proto::{ExpertMode, ListenAddr};
 use serde::Deserialize;
 
 pub use moe::client;
@@ -55,10 +56,10 @@ pub fn quiet_options(model: &Path) -> ClusterOptions {
     }
 }
 
-/// A distributed cluster (one expert-svc per expert) or the in-process mode.
-pub async fn start(model: &Path, local_experts: bool) -> Cluster {
+/// A cluster in `mode`: one expert-svc per expert, or the in-process mode.
+pub async fn start(model: &Path, mode: ExpertMode) -> Cluster {
     let options = ClusterOptions {
-        local_experts,
+        mode,
         ..quiet_options(model)
     };
     Cluster::start(&options).await.expect("cluster starts")
@@ -128,19 +129,11 @@ pub fn assert_same_run(
     }
 }
 
-/// One expert-svc process serving `expert` for `layers` (e.g. "0..2").
+/// One expert-svc process serving `expert` for `layers` (e.g. "0..2") on
+/// a free loopback port, started as the launcher starts its experts.
 pub async fn start_expert(model: &Path, expert: usize, layers: &str) -> moe::launcher::Process {
-    let options = quiet_options(model);
-    let mut command = tokio::process::Command::new(options.bin_dir.join("expert-svc"));
-    command.arg("--model").arg(model).args([
-        "--expert",
-        &expert.to_string(),
-        "--layers",
-        layers,
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    moe::launcher::spawn(format!("expert-svc {expert}"), command, &options)
+    let listen: ListenAddr = "127.0.0.1:0".parse().expect("a loopback address");
+    moe::launcher::start_expert(&quiet_options(model), expert, Some(layers), &listen)
         .await
         .expect("expert starts")
 }

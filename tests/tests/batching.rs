@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use moe_e2e::{assert_same_run, generate, greedy, start, tiny_checkpoint};
+use moe_proto::ExpertMode;
 use moe_proto::v1::GenerateRequest;
 
 const TOLERANCE: f32 = 1e-4;
@@ -50,7 +51,7 @@ async fn run_concurrently(uri: &str) -> Vec<(Vec<u32>, Vec<f32>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_concurrent_equals_in_process_one_at_a_time() {
     let model = tiny_checkpoint();
-    let local = start(model.path(), true).await;
+    let local = start(model.path(), ExpertMode::InProcess).await;
     // The reference: each request alone, in the in-process mode.
     let mut alone = Vec::new();
     for (request, _) in workload() {
@@ -61,7 +62,7 @@ async fn distributed_concurrent_equals_in_process_one_at_a_time() {
     }
     let local_batched = run_concurrently(&local.router_uri()).await;
 
-    let distributed = start(model.path(), false).await;
+    let distributed = start(model.path(), ExpertMode::Distributed).await;
     assert_eq!(distributed.experts.len(), 16);
     let distributed_batched = run_concurrently(&distributed.router_uri()).await;
 

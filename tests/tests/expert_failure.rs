@@ -6,12 +6,13 @@
 use std::time::{Duration, Instant};
 
 use moe_e2e::{generate, greedy, start, start_with_router_args, tiny_checkpoint};
+use moe_proto::ExpertMode;
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_expert_fails_the_request_fast_and_names_it() {
     let model = tiny_checkpoint();
-    let mut cluster = start(model.path(), false).await;
+    let mut cluster = start(model.path(), ExpertMode::Distributed).await;
     let uri = cluster.router_uri();
     generate(&uri, greedy(&[5, 6, 7], 4))
         .await

@@ -3,6 +3,7 @@
 //! generation with the text cut before it.
 
 use moe_e2e::{generate, start, tiny_checkpoint};
+use moe_proto::ExpertMode;
 use moe_proto::v1::{GenerateRequest, generate_request::Prompt};
 
 fn greedy_text(prompt: &str, max_tokens: u32, stop: Vec<String>) -> GenerateRequest {
@@ -19,7 +20,7 @@ fn greedy_text(prompt: &str, max_tokens: u32, stop: Vec<String>) -> GenerateRequ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_string_cuts_the_text_before_it() {
     let model = tiny_checkpoint();
-    let cluster = start(model.path(), true).await;
+    let cluster = start(model.path(), ExpertMode::InProcess).await;
     let uri = cluster.router_uri();
     let full = generate(&uri, greedy_text("Licensed under the License", 40, vec![]))
         .await

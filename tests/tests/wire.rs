@@ -29,7 +29,7 @@ async fn check_traffic(wire_dtype: &str, element_bytes: u64) {
     }
     let after = stats(&uri).await;
     let delta = |f: fn(&StatsResponse) -> u64| f(&after) - f(&before);
-    assert_eq!(after.wire_dtype, wire_dtype);
+    assert_eq!(after.wire_dtype.as_deref(), Some(wire_dtype));
     let (layers, hidden, top_k) = (4, 64, 2);
     // Every token of every step goes to top_k experts at every layer.
     assert_eq!(

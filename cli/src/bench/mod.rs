@@ -8,21 +8,47 @@ pub mod load;
 pub mod targets;
 pub mod workload;
 
+use std::fmt;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_proto::v1::{ModelInfoRequest, StatsRequest, StatsResponse};
-use serde::Serialize;
+use moe_proto::{ExpertMode, WireDType};
+use serde::{Serialize, Serializer};
 
 pub use flops::{ModelShape, Peak, measure_peak};
 pub use load::{Latency, Measurement, Target, closed_loop};
 pub use targets::{Grpc, OpenAi};
 pub use workload::{Prompt, Workload};
 
+/// What a run loaded: a moe-serve router in one of its modes, or an
+/// OpenAI-compatible server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    MoeServe(ExpertMode),
+    OpenAi,
+}
+
+/// "distributed", "in-process" or "openai", in tables and JSON alike.
+impl fmt::Display for RunMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::MoeServe(mode) => mode.fmt(f),
+            Self::OpenAi => f.write_str("openai"),
+        }
+    }
+}
+
+impl Serialize for RunMode {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 /// One run of the workload against one server.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
-    /// "distributed", "local" (experts in the router's process) or "openai".
-    pub mode: String,
-    /// Which round of a `--compare-local --rounds N` run, from 0.
+    pub mode: RunMode,
+    /// Which round of a `--compare-in-process --rounds N` run, from 0.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub round: Option<usize>,
     #[serde(flatten)]
@@ -54,12 +80,10 @@ pub struct WireReport {
 }
 
 impl WireReport {
+    /// `None` when nothing went on a wire (the in-process mode).
     fn between(before: &StatsResponse, after: &StatsResponse, shape: &ModelShape) -> Option<Self> {
-        let element_bytes = match after.wire_dtype.as_str() {
-            "f32" => 4.0,
-            "bf16" | "f16" => 2.0,
-            _ => return None,
-        };
+        let dtype: WireDType = after.wire_dtype.as_deref()?.parse().ok()?;
+        let element_bytes = dtype.size_in_bytes() as f64;
         let steps = after.steps - before.steps;
         let token_layers = ((after.step_tokens - before.step_tokens) * shape.layers as u64) as f64;
         if steps == 0 || token_layers == 0.0 {
@@ -71,7 +95,7 @@ impl WireReport {
         let bytes_per_token_layer = bytes / token_layers;
         let min_bytes_per_token_layer = (shape.top_k * shape.hidden) as f64 * element_bytes * 2.0;
         Some(Self {
-            dtype: after.wire_dtype.clone(),
+            dtype: dtype.to_string(),
             steps,
             bytes_per_token_layer,
             min_bytes_per_token_layer,
@@ -97,7 +121,7 @@ pub async fn warm_up<T: Target>(target: &T, prompts: &[Prompt]) -> anyhow::Resul
 
 /// Runs `workload` against `target`, with a progress bar on stderr.
 pub async fn run<T: Target>(
-    mode: &str,
+    mode: RunMode,
     target: &T,
     workload: &Workload,
     prompts: &[Prompt],
@@ -109,7 +133,7 @@ pub async fn run<T: Target>(
             .expect("valid template")
             .progress_chars("=> "),
     );
-    progress.set_prefix(mode.to_owned());
+    progress.set_prefix(mode.to_string());
     let measurement = closed_loop(target, workload, prompts, &progress).await;
     progress.finish_and_clear();
     let generated_per_request =
@@ -118,7 +142,7 @@ pub async fn run<T: Target>(
         * shape.request_flops(workload.prompt_tokens, generated_per_request);
     let model_flops_per_s = flops / measurement.duration_s.max(f64::EPSILON);
     RunReport {
-        mode: mode.to_owned(),
+        mode,
         round: None,
         measurement,
         model_flops_per_s,
@@ -139,9 +163,21 @@ pub async fn run_grpc(
     let target = Grpc::connect(uri).await?;
     let mut client = target.client();
     let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
+    let mode: ExpertMode = info
+        .expert_mode
+        .parse()
+        .map_err(|err| anyhow::anyhow!("the router at {uri} reports {err}"))?;
     warm_up(&target, prompts).await?;
     let before = client.stats(StatsRequest {}).await?.into_inner();
-    let mut report = run(&info.expert_mode, &target, workload, prompts, shape, peak).await;
+    let mut report = run(
+        RunMode::MoeServe(mode),
+        &target,
+        workload,
+        prompts,
+        shape,
+        peak,
+    )
+    .await;
     let after = client.stats(StatsRequest {}).await?.into_inner();
     report.wire = WireReport::between(&before, &after, shape);
     Ok(report)
@@ -165,7 +201,7 @@ mod tests {
             vocab: 10,
         };
         let before = StatsResponse {
-            wire_dtype: "f32".into(),
+            wire_dtype: Some("f32".into()),
             ..Default::default()
         };
         // 10 tokens, 2 layers: the minimum is 20 token-layers * 2 experts
@@ -177,7 +213,7 @@ mod tests {
             expert_messages: 12,
             wire_bytes_sent: 704,
             wire_bytes_received: 704,
-            wire_dtype: "f32".into(),
+            wire_dtype: Some("f32".into()),
             ..Default::default()
         };
         let report = WireReport::between(&before, &after, &shape).unwrap();
@@ -185,10 +221,10 @@ mod tests {
         assert!((report.overhead - 0.1).abs() < 1e-12);
         assert_eq!(report.messages_per_step, 6.0);
         assert_eq!(report.message_bound_per_step, 6.0);
-        let local = StatsResponse {
-            wire_dtype: "none".into(),
+        let in_process = StatsResponse {
+            wire_dtype: None,
             ..after
         };
-        assert!(WireReport::between(&before, &local, &shape).is_none());
+        assert!(WireReport::between(&before, &in_process, &shape).is_none());
     }
 }

@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use moe::bench::{self, ModelShape, Peak, Prompt, RunReport, Workload};
+use moe::bench::{self, ModelShape, Peak, Prompt, RunMode, RunReport, Workload};
 use moe::launcher::{Cluster, ClusterOptions, ExpertTransport};
 use moe_model::ModelConfig;
+use moe_proto::ExpertMode;
 use moe_proto::v1::ModelInfoRequest;
 use serde::Serialize;
 use tokenizers::Tokenizer;
@@ -17,25 +18,31 @@ pub struct BenchArgs {
     /// A running router to load (e.g. http://127.0.0.1:50051).
     #[arg(long)]
     pub addr: Option<String>,
-    /// A checkpoint directory: start a local cluster on it (as `moe up`
-    /// does), load it, and stop it. With --addr or --openai, only its
+    /// A checkpoint directory: start a cluster on it on loopback (as `moe
+    /// up` does), load it, and stop it. With --addr or --openai, only its
     /// tokenizer and config are used, to make text prompts.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Also run the same workload with the experts inside the router's
-    /// process, and report distributed / in-process throughput.
-    #[arg(long, requires = "model", conflicts_with = "addr")]
-    pub compare_local: bool,
-    /// With --compare-local: runs of each mode, alternating the order
+    /// Also run the same workload in the in-process mode (the experts
+    /// inside the router's process), and report distributed / in-process
+    /// throughput.
+    #[arg(
+        long,
+        requires = "model",
+        conflicts_with = "addr",
+        alias = "compare-local"
+    )]
+    pub compare_in_process: bool,
+    /// With --compare-in-process: runs of each mode, alternating the order
     /// (distributed then in-process, in-process then distributed, ...) with
     /// both clusters up throughout, so that the machine's drift over the
     /// run (other tenants, warm-up) weighs on both modes alike.
-    #[arg(long, default_value_t = 2, requires = "compare_local",
+    #[arg(long, default_value_t = 2, requires = "compare_in_process",
         value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
     /// Load an OpenAI-compatible completions server at this root URL
     /// instead (mistral.rs, vLLM...), with the same prompts; needs --model.
-    #[arg(long, requires = "model", conflicts_with = "compare_local")]
+    #[arg(long, requires = "model", conflicts_with = "compare_in_process")]
     pub openai: Option<String>,
     /// The model name to put in OpenAI requests.
     #[arg(long, default_value = "default")]
@@ -76,7 +83,8 @@ struct Report {
     expert_transport: Option<ExpertTransport>,
     matmul_peak: Peak,
     runs: Vec<RunReport>,
-    /// Distributed / in-process output tokens per second (--compare-local),
+    /// Distributed / in-process output tokens per second
+    /// (--compare-in-process),
     /// over all rounds: each mode's tokens over its time.
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
@@ -101,20 +109,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(base) = &args.openai {
         let target = bench::OpenAi::new(base, &args.openai_model)?;
         bench::warm_up(&target, &prompts).await?;
-        runs.push(bench::run("openai", &target, &workload, &prompts, &shape, &peak).await);
+        runs.push(bench::run(RunMode::OpenAi, &target, &workload, &prompts, &shape, &peak).await);
     } else if let Some(addr) = &args.addr {
         runs.push(bench::run_grpc(addr, &workload, &prompts, &shape, &peak).await?);
     } else {
         expert_transport = Some(args.expert_transport);
-        let distributed = start_cluster(&args, false).await?;
-        let local = if args.compare_local {
-            Some(start_cluster(&args, true).await?)
+        let distributed = start_cluster(&args, ExpertMode::Distributed).await?;
+        let in_process = if args.compare_in_process {
+            Some(start_cluster(&args, ExpertMode::InProcess).await?)
         } else {
             None
         };
-        let rounds = if local.is_some() { args.rounds } else { 1 };
+        let rounds = if in_process.is_some() { args.rounds } else { 1 };
         for round in 0..rounds as usize {
-            let mut order: Vec<&Cluster> = std::iter::once(&distributed).chain(&local).collect();
+            let mut order: Vec<&Cluster> =
+                std::iter::once(&distributed).chain(&in_process).collect();
             if round % 2 == 1 {
                 order.reverse();
             }
@@ -122,16 +131,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let mut run =
                     bench::run_grpc(&cluster.router_uri(), &workload, &prompts, &shape, &peak)
                         .await?;
-                run.round = local.is_some().then_some(round);
+                run.round = in_process.is_some().then_some(round);
                 runs.push(run);
             }
         }
-        if let Some(local) = local {
-            local.shutdown(SHUTDOWN_GRACE).await;
+        if let Some(in_process) = in_process {
+            in_process.shutdown(SHUTDOWN_GRACE).await;
         }
         distributed.shutdown(SHUTDOWN_GRACE).await;
     }
-    let (ratio, ratio_per_round) = if args.compare_local {
+    let (ratio, ratio_per_round) = if args.compare_in_process {
         (Some(ratio(&runs)), runs.chunks(2).map(ratio).collect())
     } else {
         (None, Vec::new())
@@ -193,10 +202,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Distributed over in-process throughput: each mode's output tokens over
 /// its total time, across `runs`.
 fn ratio(runs: &[RunReport]) -> f64 {
-    let rate = |local: bool| {
+    let rate = |mode: ExpertMode| {
         let (tokens, seconds) = runs
             .iter()
-            .filter(|run| (run.mode == "local") == local)
+            .filter(|run| run.mode == RunMode::MoeServe(mode))
             .fold((0.0, 0.0), |(tokens, seconds), run| {
                 (
                     tokens + run.measurement.output_tokens as f64,
@@ -205,18 +214,17 @@ fn ratio(runs: &[RunReport]) -> f64 {
             });
         tokens / seconds.max(f64::EPSILON)
     };
-    rate(false) / rate(true)
+    rate(ExpertMode::Distributed) / rate(ExpertMode::InProcess)
 }
 
-/// Starts a cluster on `--model`, as `moe up` does, or with the experts in
-/// the router's process.
-async fn start_cluster(args: &BenchArgs, local_experts: bool) -> anyhow::Result<Cluster> {
+/// Starts a cluster on `--model` in `mode`, as `moe up` does.
+async fn start_cluster(args: &BenchArgs, mode: ExpertMode) -> anyhow::Result<Cluster> {
     let model = args.model.as_ref().context("--model is required")?;
     let options = ClusterOptions {
         router_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         expert_threads: args.expert_threads,
         expert_transport: args.expert_transport,
-        local_experts,
+        mode,
         router_args: args.router_args.clone(),
         log_filter: "warn".into(),
         ..ClusterOptions::new(model)?
@@ -248,7 +256,7 @@ fn print_table(report: &Report) {
         let m = &run.measurement;
         let mode = match run.round {
             Some(round) => format!("{} #{}", run.mode, round + 1),
-            None => run.mode.clone(),
+            None => run.mode.to_string(),
         };
         println!(
             "{:<14} {:>9.1} {:>7} {:>7.0}ms {:>7.0}ms {:>6.1}ms {:>6.1}ms {:>9.2} {:>5.1}%",

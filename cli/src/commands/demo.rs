@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use moe::launcher::{Cluster, ClusterOptions};
 use moe_model::synth::{self, Preset};
-use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::{DescribeRequest, GenerateRequest, generate_request::Prompt};
 
 #[derive(Debug, Args)]
@@ -70,16 +69,17 @@ async fn converse(cluster: &Cluster, args: &DemoArgs) -> anyhow::Result<()> {
         completion.usage.completion_tokens as f64 / seconds,
         completion.finish_reason
     );
-    println!("\nrows each expert process served (matrix products in brackets):");
+    println!("\nrows each expert process served:");
     for process in &cluster.experts {
-        let mut expert = ExpertClient::new(moe_proto::transport::connect(&process.uri()).await?);
+        let channel = moe_proto::transport::connect(&process.uri()).await?;
+        let mut expert = moe_proto::transport::expert_client(channel);
         let described = expert.describe(DescribeRequest {}).await?.into_inner();
         println!(
-            "  expert {:>2}  pid {:>7}  {:>6} rows  [{} products]",
+            "  expert {:>2}  pid {:>7}  {:>6} rows in {} forward passes",
             described.expert,
             process.pid().unwrap_or(0),
             described.rows_served,
-            described.products_run
+            described.forward_passes
         );
     }
     Ok(())

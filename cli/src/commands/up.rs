@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::Args;
 use moe::launcher::{Cluster, ClusterOptions, ExpertTransport};
+use moe_proto::ExpertMode;
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -20,6 +21,10 @@ pub struct UpArgs {
     /// in a private temporary directory.
     #[arg(long, value_enum, default_value_t = ExpertTransport::Tcp)]
     pub expert_transport: ExpertTransport,
+    /// Run the experts inside the router (the in-process mode: no expert
+    /// processes, same kernels), e.g. as the baseline of a comparison.
+    #[arg(long)]
+    pub in_process: bool,
     /// Extra flags passed to router-svc, e.g. --router-arg=--wire-dtype=bf16.
     #[arg(long = "router-arg", allow_hyphen_values = true)]
     pub router_args: Vec<String>,
@@ -31,6 +36,11 @@ impl UpArgs {
             router_listen: self.listen,
             expert_threads: self.expert_threads,
             expert_transport: self.expert_transport,
+            mode: if self.in_process {
+                ExpertMode::InProcess
+            } else {
+                ExpertMode::Distributed
+            },
             router_args: self.router_args.clone(),
             ..ClusterOptions::new(&self.model)?
         })
@@ -40,9 +50,10 @@ impl UpArgs {
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut cluster = Cluster::start(&args.cluster_options()?).await?;
     println!(
-        "moe-serve up: router at {} with {} expert processes (Ctrl-C to stop)",
+        "moe-serve up: router at {} with {} expert processes, {} (Ctrl-C to stop)",
         cluster.router_uri(),
-        cluster.experts.len()
+        cluster.experts.len(),
+        args.cluster_options()?.mode
     );
     for expert in &cluster.experts {
         println!(

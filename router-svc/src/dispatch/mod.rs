@@ -1,10 +1,11 @@
 //! The MoE half of every layer as the router runs it: gate, send each expert
-//! one batch holding all of its rows, and combine the weighted answers.
+//! one batch holding all of its rows, and combine the weighted results.
 //!
 //! Where the experts run is an [`ExpertBackend`]: in this process
-//! ([`LocalExperts`], the reference) or behind gRPC ([`RemoteExperts`]).
+//! ([`InProcessExperts`], the reference) or behind gRPC
+//! ([`DistributedExperts`]); [`Experts`] is either, chosen at start.
 
-mod local;
+mod in_process;
 pub mod remote;
 
 use std::future::Future;
@@ -18,8 +19,8 @@ use crate::RouterError;
 use crate::gate::Gate;
 use crate::stats::RouterStats;
 
-pub use local::LocalExperts;
-pub use remote::{DispatchSettings, EndpointClient, RemoteExperts};
+pub use in_process::InProcessExperts;
+pub use remote::{DispatchSettings, DistributedExperts, EndpointClient};
 
 /// Runs one expert on a batch of rows.
 pub trait ExpertBackend: Send + Sync {
@@ -30,6 +31,26 @@ pub trait ExpertBackend: Send + Sync {
         layer: usize,
         rows: Vec<f32>,
     ) -> impl Future<Output = Result<Vec<f32>, RouterError>> + Send;
+}
+
+/// The experts of one router, in either mode.
+pub enum Experts {
+    InProcess(InProcessExperts),
+    Distributed(DistributedExperts),
+}
+
+impl ExpertBackend for Experts {
+    async fn run(
+        &self,
+        expert: usize,
+        layer: usize,
+        rows: Vec<f32>,
+    ) -> Result<Vec<f32>, RouterError> {
+        match self {
+            Self::InProcess(experts) => experts.run(expert, layer, rows).await,
+            Self::Distributed(experts) => experts.run(expert, layer, rows).await,
+        }
+    }
 }
 
 /// Gate + dispatch + combine over a backend.
@@ -53,8 +74,8 @@ impl<B: ExpertBackend> MoeLayer for MoeDispatcher<B> {
     type Error = RouterError;
 
     /// Gathers each expert's rows straight into the buffer that goes on the
-    /// wire (or to the local kernel), and sums the weighted answers straight
-    /// out of theirs: one copy each way, no tensor per expert.
+    /// wire (or to the in-process kernel), and sums the weighted results
+    /// straight out of theirs: one copy each way, no tensor per expert.
     async fn forward(&self, layer: usize, hidden: &Tensor) -> Result<Tensor, RouterError> {
         let routed = self.gate.route(layer, hidden)?;
         self.stats.record_dispatch(
@@ -69,28 +90,28 @@ impl<B: ExpertBackend> MoeLayer for MoeDispatcher<B> {
             self.backend.run(expert_rows.expert, layer, gathered)
         });
         let outputs = try_join_all(calls).await?;
-        // Summed in expert order, each answer scaled then added, as the
+        // Summed in expert order, each result scaled then added, as the
         // reference does.
         let mut combined = vec![0f32; rows * width];
         for (expert_rows, output) in routed.iter().zip(&outputs) {
             if output.len() != expert_rows.rows.len() * width {
                 return Err(RouterError::Internal(format!(
-                    "expert {} answered {} values for {} rows of {width}",
+                    "expert {} returned {} values for {} rows of {width}",
                     expert_rows.expert,
                     output.len(),
                     expert_rows.rows.len()
                 )));
             }
-            let answers = output.chunks_exact(width);
-            for ((&row, &weight), answer) in expert_rows
+            let results = output.chunks_exact(width);
+            for ((&row, &weight), result) in expert_rows
                 .rows
                 .iter()
                 .zip(&expert_rows.weights)
-                .zip(answers)
+                .zip(results)
             {
                 let row = row as usize;
                 let target = &mut combined[row * width..(row + 1) * width];
-                for (sum, value) in target.iter_mut().zip(answer) {
+                for (sum, value) in target.iter_mut().zip(result) {
                     *sum += weight * value;
                 }
             }

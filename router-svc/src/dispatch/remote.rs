@@ -1,6 +1,6 @@
 //! The distributed mode: one actor per expert endpoint, each keeping one
 //! persistent bidirectional `Forward` stream to its expert process and
-//! matching answers to callers by request id.
+//! matching results to callers by request id.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use moe_proto::v1::expert_client::ExpertClient;
-use moe_proto::v1::expert_result::Result as Answer;
+use moe_proto::v1::expert_result::Result as Outcome;
 use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertBatch, ExpertResult};
-use moe_proto::{MAX_MESSAGE_BYTES, WireDType, tensor_codec, transport};
+use moe_proto::{WireDType, tensor_codec, transport};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -25,7 +25,7 @@ use crate::stats::RouterStats;
 /// How every endpoint actor talks to its expert.
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
-    /// An expert that has not answered a message by then is reported.
+    /// An expert that has not replied to a message by then is reported.
     pub timeout: Duration,
     /// Element type of the hidden states on the wire.
     pub wire_dtype: WireDType,
@@ -80,7 +80,7 @@ impl EndpointClient {
     }
 
     fn client(&self) -> ExpertClient<Channel> {
-        expert_client(&self.channel)
+        transport::expert_client(self.channel.clone())
     }
 
     pub async fn describe(&self) -> Result<DescribeResponse, RouterError> {
@@ -101,26 +101,24 @@ impl EndpointClient {
     }
 
     /// Sends `rows` (`[n, hidden]`, row-major) of `layer` and waits for the
-    /// answer, of the same shape.
+    /// result, of the same shape.
     pub async fn forward(&self, layer: usize, rows: Vec<f32>) -> Result<Vec<f32>, RouterError> {
         let width = self.settings.hidden_size;
         let expected_rows = rows.len() / width;
         let hidden = tensor_codec::encode_rows(rows, width, self.settings.wire_dtype);
-        let (reply, answer) = oneshot::channel();
+        let (reply, result) = oneshot::channel();
         self.calls
             .try_send(Call {
                 layer: layer as u32,
                 hidden,
                 reply,
             })
-            .map_err(|err| match err {
-                mpsc::error::TrySendError::Full(_) => RouterError::Overloaded(format!(
-                    "{}: {CALL_QUEUE} messages already waiting",
-                    self.label
-                )),
-                mpsc::error::TrySendError::Closed(_) => RouterError::ShuttingDown,
+            .map_err(|err| {
+                RouterError::refused(err, || {
+                    format!("{}: {CALL_QUEUE} messages already waiting", self.label)
+                })
             })?;
-        let output = match tokio::time::timeout(self.settings.timeout, answer).await {
+        let output = match tokio::time::timeout(self.settings.timeout, result).await {
             Ok(Ok(result)) => result?,
             Ok(Err(_)) => return Err(RouterError::ShuttingDown),
             Err(_) => {
@@ -130,25 +128,18 @@ impl EndpointClient {
                 )));
             }
         };
-        let (output, answered_rows) =
+        let (output, returned_rows) =
             tensor_codec::decode_rows_f32(Some(&output), width).map_err(|err| {
-                RouterError::Internal(format!("{} answered a bad tensor: {err}", self.label))
+                RouterError::Internal(format!("{} returned a bad tensor: {err}", self.label))
             })?;
-        if answered_rows != expected_rows {
+        if returned_rows != expected_rows {
             return Err(RouterError::Internal(format!(
-                "{} answered {answered_rows} rows for {expected_rows}",
+                "{} returned {returned_rows} rows for {expected_rows}",
                 self.label
             )));
         }
         Ok(output)
     }
-}
-
-/// A client with the cluster's message size limits on both directions.
-fn expert_client(channel: &Channel) -> ExpertClient<Channel> {
-    ExpertClient::new(channel.clone())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// An open Forward stream.
@@ -159,7 +150,7 @@ struct Stream {
 
 async fn open_stream(channel: &Channel) -> Result<Stream, tonic::Status> {
     let (outbound, receiver) = mpsc::channel(STREAM_QUEUE);
-    let mut client = expert_client(channel);
+    let mut client = transport::expert_client(channel.clone());
     let inbound = client
         .forward(ReceiverStream::new(receiver))
         .await?
@@ -174,7 +165,7 @@ async fn next_result(stream: &mut Option<Stream>) -> Option<Result<ExpertResult,
     }
 }
 
-/// Owns the stream and the table of calls awaiting an answer. When the
+/// Owns the stream and the table of calls awaiting a result. When the
 /// stream breaks, every pending call fails at once (naming the endpoint) and
 /// the next call opens a new stream.
 async fn run_actor(
@@ -218,9 +209,9 @@ async fn run_actor(
                     stats.record_received(message.encoded_len());
                     match pending.remove(&message.request_id) {
                         Some(reply) => {
-                            let _ = reply.send(answer(&label, message.result));
+                            let _ = reply.send(outcome(&label, message.result));
                         }
-                        None => tracing::warn!(%label, request_id = message.request_id, "answer to no pending call"),
+                        None => tracing::warn!(%label, request_id = message.request_id, "a result for no pending call"),
                     }
                 }
                 Some(Err(status)) => {
@@ -243,10 +234,10 @@ fn fail_all(pending: &mut HashMap<u64, Reply>, error: impl Fn() -> RouterError) 
     }
 }
 
-fn answer(label: &str, result: Option<Answer>) -> Result<moe_proto::v1::Tensor, RouterError> {
+fn outcome(label: &str, result: Option<Outcome>) -> Result<moe_proto::v1::Tensor, RouterError> {
     match result {
-        Some(Answer::Output(tensor)) => Ok(tensor),
-        Some(Answer::Error(status)) => {
+        Some(Outcome::Output(tensor)) => Ok(tensor),
+        Some(Outcome::Error(status)) => {
             let message = format!("{label} refused a batch: {}", status.message);
             Err(match tonic::Code::from_i32(status.code) {
                 tonic::Code::ResourceExhausted => RouterError::Overloaded(message),
@@ -255,28 +246,24 @@ fn answer(label: &str, result: Option<Answer>) -> Result<moe_proto::v1::Tensor, 
             })
         }
         None => Err(RouterError::Internal(format!(
-            "{label} sent an empty answer"
+            "{label} sent an empty result"
         ))),
     }
 }
 
 /// Which endpoint serves each (expert, layer).
-pub struct RemoteExperts {
+pub struct DistributedExperts {
     /// Per expert: the endpoints and the layers each serves.
     endpoints: Vec<Vec<(Range<usize>, EndpointClient)>>,
     next: AtomicUsize,
 }
 
-impl RemoteExperts {
+impl DistributedExperts {
     pub fn new(endpoints: Vec<Vec<(Range<usize>, EndpointClient)>>) -> Self {
         Self {
             endpoints,
             next: AtomicUsize::new(0),
         }
-    }
-
-    pub fn all(&self) -> impl Iterator<Item = &EndpointClient> {
-        self.endpoints.iter().flatten().map(|(_, client)| client)
     }
 
     fn pick(&self, expert: usize, layer: usize) -> Option<&EndpointClient> {
@@ -294,7 +281,7 @@ impl RemoteExperts {
     }
 }
 
-impl ExpertBackend for RemoteExperts {
+impl ExpertBackend for DistributedExperts {
     async fn run(
         &self,
         expert: usize,

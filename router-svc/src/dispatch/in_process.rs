@@ -2,9 +2,9 @@
 //! no network. The reference the distributed mode is tested and benchmarked
 //! against.
 //!
-//! A layer's expert products run in parallel on a pool of their own (one
-//! expert per thread at a time, as one expert process would), rather than
-//! one after another on the scheduler's thread: few-row products are
+//! A layer's expert forward passes run in parallel on a pool of their own
+//! (one expert per thread at a time, as one expert process would), rather
+//! than one after another on the scheduler's thread: few-row passes are
 //! single-threaded, so running them in turn would leave cores idle.
 
 use std::sync::Arc;
@@ -16,18 +16,18 @@ use moe_model::{Checkpoint, ModelError};
 use super::ExpertBackend;
 use crate::RouterError;
 
-pub struct LocalExperts {
+pub struct InProcessExperts {
     experts: Arc<Vec<ExpertWeights>>,
     /// The expert threads, apart from the scheduler's pool: the scheduler
     /// thread is a worker of that one, and while it waits for a layer's
-    /// answers it runs no jobs, so products queued there would get one
+    /// results it runs no jobs, so passes queued there would get one
     /// thread fewer than the expert processes get.
     pool: rayon::ThreadPool,
     hidden_size: usize,
     device: Device,
 }
 
-impl LocalExperts {
+impl InProcessExperts {
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, RouterError> {
         let config = checkpoint.config();
         let experts = (0..config.num_local_experts)
@@ -36,7 +36,7 @@ impl LocalExperts {
             })
             .collect::<Result<_, ModelError>>()?;
         let pool = rayon::ThreadPoolBuilder::new()
-            .thread_name(|index| format!("local-expert-{index}"))
+            .thread_name(|index| format!("in-process-expert-{index}"))
             .build()
             .map_err(|err| {
                 RouterError::Internal(format!("cannot start the expert threads: {err}"))
@@ -50,14 +50,14 @@ impl LocalExperts {
     }
 }
 
-impl ExpertBackend for LocalExperts {
+impl ExpertBackend for InProcessExperts {
     async fn run(
         &self,
         expert: usize,
         layer: usize,
         rows: Vec<f32>,
     ) -> Result<Vec<f32>, RouterError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let (reply, result) = tokio::sync::oneshot::channel();
         let experts = self.experts.clone();
         let shape = (rows.len() / self.hidden_size, self.hidden_size);
         let device = self.device.clone();
@@ -67,9 +67,9 @@ impl ExpertBackend for LocalExperts {
                 .and_then(|output| output.flatten_all()?.to_vec1::<f32>());
             let _ = reply.send(output);
         });
-        let output = answer
+        let output = result
             .await
-            .map_err(|_| RouterError::Internal("an expert product panicked".into()))?;
+            .map_err(|_| RouterError::Internal("an expert's forward pass panicked".into()))?;
         Ok(output?)
     }
 }

@@ -39,22 +39,18 @@ struct ClusterEntry {
     layers: Option<String>,
 }
 
-fn invalid(message: String) -> RouterError {
-    RouterError::InvalidArgument(message)
-}
-
 /// Parses one `--expert` flag.
 pub fn parse_flag(flag: &str) -> Result<ExpertEndpoint, RouterError> {
-    let (target, uri) = flag
-        .split_once('=')
-        .ok_or_else(|| invalid(format!("--expert {flag:?}: expected E=URI or E@A..B=URI")))?;
+    let (target, uri) = flag.split_once('=').ok_or_else(|| {
+        RouterError::invalid(format!("--expert {flag:?}: expected E=URI or E@A..B=URI"))
+    })?;
     let (expert, layers) = match target.split_once('@') {
         Some((expert, layers)) => (expert, Some(layers)),
         None => (target, None),
     };
     endpoint(
         expert.trim().parse().map_err(|_| {
-            invalid(format!(
+            RouterError::invalid(format!(
                 "--expert {flag:?}: {expert:?} is not an expert number"
             ))
         })?,
@@ -77,14 +73,14 @@ fn endpoint(expert: usize, uri: &str, layers: Option<&str>) -> Result<ExpertEndp
 }
 
 fn expert_svc_layers(text: &str) -> Result<Range<usize>, RouterError> {
-    expert_svc::parse_layers(text).map_err(invalid)
+    expert_svc::parse_layers(text).map_err(RouterError::invalid)
 }
 
 /// Reads a cluster file.
-pub fn read_file(path: &Path) -> Result<Vec<ExpertEndpoint>, RouterError> {
+pub fn read_cluster_file(path: &Path) -> Result<Vec<ExpertEndpoint>, RouterError> {
     let text = std::fs::read_to_string(path)?;
     let file: ClusterFile = serde_json::from_str(&text)
-        .map_err(|err| invalid(format!("cluster file {}: {err}", path.display())))?;
+        .map_err(|err| RouterError::invalid(format!("cluster file {}: {err}", path.display())))?;
     file.experts
         .iter()
         .map(|entry| endpoint(entry.expert, &entry.endpoint, entry.layers.as_deref()))
@@ -105,7 +101,7 @@ pub fn layout(
     for endpoint in endpoints {
         let layers = endpoint.layers.clone().unwrap_or(0..num_layers);
         if endpoint.expert >= num_experts || layers.end > num_layers {
-            return Err(invalid(format!(
+            return Err(RouterError::invalid(format!(
                 "endpoint {} claims expert {} layers {:?}, but the model has {num_experts} experts and {num_layers} layers",
                 endpoint.uri, endpoint.expert, layers
             )));
@@ -116,7 +112,7 @@ pub fn layout(
         if let Some(layer) =
             (0..num_layers).find(|l| !served.iter().any(|(range, _)| range.contains(l)))
         {
-            return Err(invalid(format!(
+            return Err(RouterError::invalid(format!(
                 "no endpoint serves expert {expert} at layer {layer}"
             )));
         }

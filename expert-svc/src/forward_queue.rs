@@ -1,17 +1,12 @@
-//! The products waiting for the device, stacked per layer.
+//! Messages waiting for the expert, stacked per layer into forward passes.
 //!
-//! Messages are not handed to a device task and answered back through
-//! another: the stream task that reads a message queues it here and then
-//! runs everything queued, on its own thread, answering each message
-//! straight onto its stream. Whichever task runs the queue computes the
-//! messages of every stream that are waiting, so requests for the same
-//! layer still share one matrix product (a batch of 64 rows costs little
-//! more than one row when the product is bound by reading the weights).
-//!
-//! The hand-off cost more than it saved: a decode step sends each expert a
-//! message of a few rows per layer, and each hop between tasks (spawn,
-//! channel, wake-up, oneshot back) ran with caches that the other experts'
-//! products had just flushed.
+//! The stream task that reads a message queues it here and then runs
+//! everything queued, on its own thread, sending each message's result
+//! straight onto its stream (no hand-off to a compute task and back: see
+//! docs/decisions.md). Whichever task runs the queue computes the waiting
+//! messages of every stream, so messages for the same layer share one
+//! forward pass: one matrix product over all their rows, which costs little
+//! more than one row's when reading the weights is what bounds it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +16,7 @@ use candle_core::Tensor;
 
 use crate::{ExpertError, ExpertWeights};
 
-/// Where a product's result goes: the caller encodes it and sends it.
+/// Where a message's result goes: the caller encodes it and sends it.
 pub type Reply = Box<dyn FnOnce(Result<Tensor, ExpertError>) + Send>;
 
 struct Job {
@@ -34,19 +29,19 @@ struct Job {
 #[derive(Default)]
 pub struct Counters {
     pub rows: AtomicU64,
-    pub products: AtomicU64,
+    pub passes: AtomicU64,
 }
 
-/// Messages that may wait for the device before new ones are refused.
+/// Messages that may wait for the expert before new ones are refused.
 const QUEUE_CAPACITY: usize = 1024;
 
-pub struct ProductQueue {
+pub struct ForwardQueue {
     weights: ExpertWeights,
     waiting: Mutex<Vec<Job>>,
     counters: Counters,
 }
 
-impl ProductQueue {
+impl ForwardQueue {
     pub fn new(weights: ExpertWeights) -> Self {
         Self {
             weights,
@@ -55,9 +50,11 @@ impl ProductQueue {
         }
     }
 
-    /// Queues the expert's product on `rows` (`[n, hidden]`) of `layer`;
-    /// `reply` gets its result once a [`ProductQueue::run_waiting`] ran it.
+    /// Queues the expert's forward pass over `rows` (`[n, hidden]`) of
+    /// `layer`, after checking that this expert serves `layer`; `reply`
+    /// gets its result once a [`ForwardQueue::run_queued`] ran it.
     pub fn submit(&self, layer: usize, rows: Tensor, reply: Reply) -> Result<(), ExpertError> {
+        self.weights.check_layer(layer)?;
         let mut waiting = self.waiting();
         if waiting.len() >= QUEUE_CAPACITY {
             return Err(ExpertError::Overloaded(QUEUE_CAPACITY));
@@ -66,10 +63,10 @@ impl ProductQueue {
         Ok(())
     }
 
-    /// Runs every queued product, one matrix product per layer, and hands
+    /// Runs every queued message, one forward pass per layer, and hands
     /// each message its rows of the result. Blocks the calling thread for
-    /// as long as the products take.
-    pub fn run_waiting(&self) {
+    /// as long as the passes take.
+    pub fn run_queued(&self) {
         let jobs = std::mem::take(&mut *self.waiting());
         let mut by_layer: BTreeMap<usize, Vec<Job>> = BTreeMap::new();
         for job in jobs {
@@ -77,11 +74,11 @@ impl ProductQueue {
         }
         for (layer, batch) in by_layer {
             let rows: usize = batch.iter().map(|job| job.rows.dim(0).unwrap_or(0)).sum();
-            let _span = tracing::debug_span!("expert_product", layer, rows, messages = batch.len())
-                .entered();
+            let _span =
+                tracing::debug_span!("forward_pass", layer, rows, messages = batch.len()).entered();
             self.counters.rows.fetch_add(rows as u64, Ordering::Relaxed);
-            self.counters.products.fetch_add(1, Ordering::Relaxed);
-            answer(&self.weights, layer, batch);
+            self.counters.passes.fetch_add(1, Ordering::Relaxed);
+            run_pass(&self.weights, layer, batch);
         }
     }
 
@@ -89,7 +86,12 @@ impl ProductQueue {
         &self.counters
     }
 
-    /// The queue, locked. A product that panicked leaves nothing half-done
+    /// The weights the queue computes with.
+    pub fn weights(&self) -> &ExpertWeights {
+        &self.weights
+    }
+
+    /// The queue, locked. A pass that panicked leaves nothing half-done
     /// in it (jobs are taken out before they run), so a poisoned lock is
     /// still sound to use.
     fn waiting(&self) -> MutexGuard<'_, Vec<Job>> {
@@ -99,8 +101,8 @@ impl ProductQueue {
     }
 }
 
-/// One product for every job of `layer`, each job answered with its rows.
-fn answer(weights: &ExpertWeights, layer: usize, batch: Vec<Job>) {
+/// One forward pass for every job of `layer`; each job's reply gets its rows.
+fn run_pass(weights: &ExpertWeights, layer: usize, batch: Vec<Job>) {
     let result = if batch.len() == 1 {
         weights.forward(layer, &batch[0].rows).map(|out| vec![out])
     } else {
@@ -113,7 +115,7 @@ fn answer(weights: &ExpertWeights, layer: usize, batch: Vec<Job>) {
             }
         }
         Err(err) => {
-            tracing::error!(layer, %err, "expert product failed");
+            tracing::error!(layer, %err, "forward pass failed");
             for job in batch {
                 (job.reply)(Err(ExpertError::Compute(candle_core::Error::Msg(
                     err.to_string(),
@@ -163,32 +165,28 @@ mod tests {
     }
 
     #[test]
-    fn one_run_stacks_each_layer_into_one_product_and_answers_every_caller() {
+    fn one_run_stacks_each_layer_into_one_pass_and_replies_to_every_caller() {
         let dir = tempfile::tempdir().unwrap();
         synth::write_checkpoint(dir.path(), Preset::Tiny, 0).unwrap();
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
-        let queue = ProductQueue::new(weights(&checkpoint));
+        let queue = ForwardQueue::new(weights(&checkpoint));
         let reference = weights(&checkpoint);
 
         // Callers as several streams would queue them: two layers, mixed.
         let messages = [(1, 1), (2, 3), (1, 2), (1, 3), (3, 1)];
-        let (answers, received) = std::sync::mpsc::channel();
+        let (replies, received) = std::sync::mpsc::channel();
         for (caller, &(layer, count)) in messages.iter().enumerate() {
-            let answers = answers.clone();
-            let reply: Reply = Box::new(move |result| answers.send((caller, result)).unwrap());
+            let replies = replies.clone();
+            let reply: Reply = Box::new(move |result| replies.send((caller, result)).unwrap());
             queue.submit(layer, rows(count, caller), reply).unwrap();
         }
-        drop(answers);
-        queue.run_waiting();
+        drop(replies);
+        queue.run_queued();
 
         let counters = queue.counters();
-        assert_eq!(
-            counters.products.load(Ordering::Relaxed),
-            3,
-            "one per layer"
-        );
+        assert_eq!(counters.passes.load(Ordering::Relaxed), 3, "one per layer");
         assert_eq!(counters.rows.load(Ordering::Relaxed), 10);
-        let mut answered = 0;
+        let mut replied = 0;
         for (caller, result) in received {
             let (layer, count) = messages[caller];
             let alone = reference.forward(layer, &rows(count, caller)).unwrap();
@@ -206,23 +204,44 @@ mod tests {
                 difference <= 1e-6,
                 "caller {caller} got other rows ({difference})"
             );
-            answered += 1;
+            replied += 1;
         }
-        assert_eq!(answered, messages.len());
+        assert_eq!(replied, messages.len());
 
-        queue.run_waiting();
+        queue.run_queued();
         assert_eq!(
-            counters.products.load(Ordering::Relaxed),
+            counters.passes.load(Ordering::Relaxed),
             3,
             "nothing left queued"
         );
     }
 
     #[test]
+    fn a_layer_this_expert_does_not_serve_is_refused_before_it_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        synth::write_checkpoint(dir.path(), Preset::Tiny, 0).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let queue =
+            ForwardQueue::new(ExpertWeights::load(&checkpoint, 2, 1..3, &Device::Cpu).unwrap());
+        for layer in [0, 3, 1000] {
+            let err = queue
+                .submit(layer, rows(1, 0), Box::new(|_| {}))
+                .unwrap_err();
+            assert!(
+                matches!(err, ExpertError::Layer { layer: l, start: 1, end: 3 } if l == layer),
+                "{err}"
+            );
+        }
+        queue.submit(2, rows(1, 0), Box::new(|_| {})).unwrap();
+        queue.run_queued();
+        assert_eq!(queue.counters().passes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn a_full_queue_refuses_with_overloaded() {
         let dir = tempfile::tempdir().unwrap();
         synth::write_checkpoint(dir.path(), Preset::Tiny, 0).unwrap();
-        let queue = ProductQueue::new(weights(&Checkpoint::open(dir.path()).unwrap()));
+        let queue = ForwardQueue::new(weights(&Checkpoint::open(dir.path()).unwrap()));
         for _ in 0..QUEUE_CAPACITY {
             queue.submit(0, rows(1, 0), Box::new(|_| {})).unwrap();
         }

@@ -1,0 +1,209 @@
+//! Continuous batching.
+//!
+//! One actor owns the engine and every running sequence. Each step it
+//! admits queued requests while there is room, drops the cancelled, and
+//! builds one batch: a decode token for each running sequence, then prompt
+//! chunks under a token budget ([`plan`]). A request that arrives while
+//! others run joins at the next step; a finished or cancelled one leaves,
+//! and dropping it frees its KV cache. The rules live in plain values
+//! ([`running`], [`plan`], [`finish`]); this file drives them.
+
+mod finish;
+mod micro_batch;
+mod plan;
+mod running;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use attention_svc::{Engine, MoeLayer, SequenceChunk};
+use tokio::sync::mpsc;
+
+use crate::RouterError;
+use crate::sampling::Sampler;
+use crate::stats::RouterStats;
+
+pub use finish::Finish;
+use running::{ModelLimits, Running};
+
+/// What the scheduler tells a request's stream.
+#[derive(Debug)]
+pub enum SequenceEvent {
+    Token { id: u32, logprob: f32 },
+    Finished(Finish),
+    Failed(RouterError),
+}
+
+/// A validated request, ready to run.
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampler: Sampler,
+    pub stop_at_eos: bool,
+    /// Bounded: a sequence whose client reads slowly waits (it is left out
+    /// of steps) rather than buffering without limit. Closed means cancelled.
+    pub events: mpsc::Sender<SequenceEvent>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens (decode tokens plus prompt chunks) in one step at most.
+    pub max_batch_tokens: usize,
+    /// Steps of at least this many tokens run as two micro-batches; 0 never
+    /// splits.
+    pub pipeline_min_tokens: usize,
+    /// Sequences running at once at most; more wait in the queue.
+    pub max_running: usize,
+    /// Requests waiting for a running slot at most; more are refused.
+    pub queue_capacity: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 1024,
+            pipeline_min_tokens: 256,
+            max_running: 128,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+/// A cloneable handle to submit requests.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    queue: mpsc::Sender<GenerationRequest>,
+}
+
+impl SchedulerHandle {
+    /// Queues `request`, or refuses it out loud when the queue is full.
+    pub fn submit(&self, request: GenerationRequest) -> Result<(), RouterError> {
+        self.queue.try_send(request).map_err(|err| {
+            RouterError::refused(err, || {
+                format!(
+                    "{} requests already waiting; retry later",
+                    self.queue.max_capacity()
+                )
+            })
+        })
+    }
+}
+
+/// Starts the scheduler on a thread of its own (steps are CPU-bound and
+/// must not stall the runtime's I/O), driving its async parts on `runtime`.
+pub fn spawn<M>(
+    engine: Arc<Engine>,
+    moe: M,
+    config: SchedulerConfig,
+    stats: Arc<RouterStats>,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<SchedulerHandle>
+where
+    M: MoeLayer<Error = RouterError> + Send + 'static,
+{
+    // The queue's capacity is the bound on waiting requests: the scheduler
+    // takes a request out of it only when a running slot is free.
+    let (queue, receiver) = mpsc::channel(config.queue_capacity);
+    std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || {
+            let _pool = join_compute_pool();
+            runtime.block_on(Scheduler::new(engine, config, stats).run(receiver, &moe))
+        })?;
+    Ok(SchedulerHandle { queue })
+}
+
+/// Makes the calling thread worker 0 of a compute pool of
+/// `RAYON_NUM_THREADS` threads, so that the step's parallel kernels (gemm,
+/// decode attention) run on this thread and `threads - 1` helpers rather
+/// than being handed to the global pool and waited for: waiting left the
+/// global pool's idle threads spinning on cores the experts needed
+/// (docs/decisions.md).
+///
+/// The pool lives as long as the returned value. Should it fail to build,
+/// the step's kernels run on the global pool.
+fn join_compute_pool() -> Option<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .thread_name(|index| format!("router-compute-{index}"))
+        .build()
+        .inspect_err(|err| tracing::warn!(%err, "no compute pool; using the global one"))
+        .ok()
+}
+
+struct Scheduler {
+    engine: Arc<Engine>,
+    config: SchedulerConfig,
+    stats: Arc<RouterStats>,
+    running: Running,
+}
+
+impl Scheduler {
+    fn new(engine: Arc<Engine>, config: SchedulerConfig, stats: Arc<RouterStats>) -> Self {
+        let model = engine.config();
+        let limits = ModelLimits {
+            context: model.max_position_embeddings,
+            eos_tokens: model.eos_token_ids.clone(),
+        };
+        Self {
+            running: Running::new(config.max_running, limits),
+            engine,
+            config,
+            stats,
+        }
+    }
+
+    async fn run<M: MoeLayer<Error = RouterError>>(
+        mut self,
+        mut queue: mpsc::Receiver<GenerationRequest>,
+        moe: &M,
+    ) {
+        loop {
+            let first = if self.running.is_empty() {
+                match queue.recv().await {
+                    Some(request) => Some(request),
+                    None => return,
+                }
+            } else {
+                None
+            };
+            let engine = &self.engine;
+            self.running.admit(first, &mut queue, || engine.new_cache());
+            let chunks = self.running.plan(self.config.max_batch_tokens);
+            if chunks.is_empty() {
+                // Every running sequence waits for its client to read.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+            self.step(&chunks, moe).await;
+            self.running.remove_finished();
+        }
+    }
+
+    async fn step<M: MoeLayer<Error = RouterError>>(&mut self, chunks: &[plan::Chunk], moe: &M) {
+        let rows: usize = chunks.iter().map(|chunk| chunk.tokens.len()).sum();
+        let _span = tracing::debug_span!("step", sequences = chunks.len(), rows).entered();
+        self.stats.record_step(chunks.len(), rows);
+        let mut sequence_chunks: Vec<SequenceChunk<'_>> = self
+            .running
+            .caches(chunks)
+            .map(|(cache, tokens)| SequenceChunk { cache, tokens })
+            .collect();
+        let result = micro_batch::run_micro_batches(
+            &self.engine,
+            &mut sequence_chunks,
+            rows,
+            self.config.pipeline_min_tokens,
+            moe,
+        )
+        .await;
+        drop(sequence_chunks);
+        match result {
+            Ok(logits) => self.running.advance(chunks, &logits),
+            Err(err) => {
+                tracing::warn!(%err, sequences = chunks.len(), "step failed; ending its sequences");
+                self.running.fail(chunks, || err.duplicate());
+            }
+        }
+    }
+}

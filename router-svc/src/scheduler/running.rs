@@ -1,0 +1,401 @@
+//! The scheduler's state apart from the engine: the running sequences,
+//! how queued requests join them, what each contributes to a step, and
+//! what a step's logits do to each. Tested as plain values, as
+//! text-generation-inference tests its queue state.
+
+use attention_svc::SequenceCache;
+use tokio::sync::mpsc;
+
+use super::finish::{AfterToken, Finish, Limits};
+use super::plan::{Candidate, Chunk, Pending, plan_step};
+use super::{GenerationRequest, SequenceEvent};
+
+/// One admitted request and its KV cache.
+pub(super) struct Sequence {
+    pub(super) request: GenerationRequest,
+    pub(super) cache: SequenceCache,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    generated: usize,
+    /// The last sampled token: the input of the next decode step.
+    last_token: Option<u32>,
+    done: bool,
+}
+
+/// What the model allows every sequence, from its config.
+#[derive(Debug, Clone)]
+pub(super) struct ModelLimits {
+    pub(super) context: usize,
+    pub(super) eos_tokens: Vec<u32>,
+}
+
+impl Sequence {
+    fn new(request: GenerationRequest, cache: SequenceCache) -> Self {
+        Self {
+            request,
+            cache,
+            prefilled: 0,
+            generated: 0,
+            last_token: None,
+            done: false,
+        }
+    }
+
+    fn candidate(&self) -> Candidate<'_> {
+        Candidate {
+            pending: match self.last_token {
+                Some(token) => Pending::Decode(token),
+                None => Pending::Prompt(&self.request.prompt[self.prefilled..]),
+            },
+            // Room for a token and a final event.
+            client_ready: self.request.events.capacity() >= 2,
+        }
+    }
+
+    fn limits(&self, model: &ModelLimits) -> Limits {
+        Limits {
+            max_tokens: self.request.max_tokens,
+            prompt_tokens: self.request.prompt.len(),
+            context: model.context,
+            stop_at_eos: self.request.stop_at_eos,
+        }
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.request.events.is_closed()
+    }
+
+    fn emit(&mut self, event: SequenceEvent) {
+        if self.request.events.try_send(event).is_err() {
+            // Closed (the client left) or full, which `client_ready` rules
+            // out: either way the sequence cannot go on.
+            self.done = true;
+        }
+    }
+
+    /// Takes in a step that fed it `fed` tokens and produced `logits` for
+    /// its last one: a prompt chunk that leaves prompt to go produces
+    /// nothing; otherwise the next token is sampled and sent, or ends the
+    /// sequence.
+    fn advance(&mut self, fed: usize, logits: &[f32], model: &ModelLimits) {
+        if self.last_token.is_none() {
+            self.prefilled += fed;
+            if self.prefilled < self.request.prompt.len() {
+                return;
+            }
+        }
+        let (token, logprob) = self.request.sampler.sample(logits);
+        self.generated += 1;
+        self.last_token = Some(token);
+        match self
+            .limits(model)
+            .after_token(token, self.generated, &model.eos_tokens)
+        {
+            AfterToken::Continue => self.emit(SequenceEvent::Token { id: token, logprob }),
+            AfterToken::SendThenFinish(finish) => {
+                self.emit(SequenceEvent::Token { id: token, logprob });
+                self.finish(finish);
+            }
+            AfterToken::FinishWithoutIt(finish) => self.finish(finish),
+        }
+    }
+
+    fn finish(&mut self, finish: Finish) {
+        self.emit(SequenceEvent::Finished(finish));
+        self.done = true;
+    }
+}
+
+/// The sequences running now, in admission order.
+pub(super) struct Running {
+    sequences: Vec<Sequence>,
+    max_running: usize,
+    model: ModelLimits,
+}
+
+impl Running {
+    pub(super) fn new(max_running: usize, model: ModelLimits) -> Self {
+        Self {
+            sequences: Vec::new(),
+            max_running,
+            model,
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.sequences.is_empty()
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.sequences.len()
+    }
+
+    /// Drops cancelled sequences, then admits queued requests while there
+    /// is room, starting with `first` when given. Requests beyond the room
+    /// stay in `queue`, whose capacity is what bounds the waiting ones;
+    /// cancelled ones are dropped as they come out of it.
+    pub(super) fn admit(
+        &mut self,
+        first: Option<GenerationRequest>,
+        queue: &mut mpsc::Receiver<GenerationRequest>,
+        mut new_cache: impl FnMut() -> SequenceCache,
+    ) {
+        self.sequences.retain(|sequence| !sequence.is_cancelled());
+        let mut first = first;
+        while self.sequences.len() < self.max_running {
+            let Some(request) = first.take().or_else(|| queue.try_recv().ok()) else {
+                break;
+            };
+            if !request.events.is_closed() {
+                self.sequences.push(Sequence::new(request, new_cache()));
+            }
+        }
+    }
+
+    /// The next step's chunks, by index into the running sequences.
+    pub(super) fn plan(&self, budget: usize) -> Vec<Chunk> {
+        let candidates: Vec<Candidate<'_>> =
+            self.sequences.iter().map(Sequence::candidate).collect();
+        plan_step(&candidates, budget)
+    }
+
+    /// The planned sequences' caches with their tokens, in order, for the
+    /// engine's step.
+    pub(super) fn caches<'a>(
+        &'a mut self,
+        chunks: &'a [Chunk],
+    ) -> impl Iterator<Item = (&'a mut SequenceCache, &'a [u32])> {
+        let mut planned = chunks.iter().peekable();
+        self.sequences
+            .iter_mut()
+            .enumerate()
+            .filter_map(move |(index, sequence)| {
+                planned
+                    .next_if(|chunk| chunk.sequence == index)
+                    .map(|chunk| (&mut sequence.cache, chunk.tokens.as_slice()))
+            })
+    }
+
+    /// Takes in a step's logits, one row per chunk, in order.
+    pub(super) fn advance(&mut self, chunks: &[Chunk], logits: &[Vec<f32>]) {
+        for (chunk, logits) in chunks.iter().zip(logits) {
+            let sequence = &mut self.sequences[chunk.sequence];
+            sequence.advance(chunk.tokens.len(), logits, &self.model);
+        }
+    }
+
+    /// Ends every planned sequence with `error` (the step they were in
+    /// failed).
+    pub(super) fn fail(&mut self, chunks: &[Chunk], error: impl Fn() -> crate::RouterError) {
+        for chunk in chunks {
+            let sequence = &mut self.sequences[chunk.sequence];
+            sequence.emit(SequenceEvent::Failed(error()));
+            sequence.done = true;
+        }
+    }
+
+    /// Drops the sequences that finished; dropping one frees its KV cache.
+    pub(super) fn remove_finished(&mut self) {
+        self.sequences.retain(|sequence| !sequence.done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::mpsc::error::TryRecvError;
+
+    use super::*;
+    use crate::sampling::{Sampler, SamplingParams};
+
+    const VOCAB: usize = 8;
+    const EOS: u32 = 7;
+
+    fn model() -> ModelLimits {
+        ModelLimits {
+            context: 32,
+            eos_tokens: vec![EOS],
+        }
+    }
+
+    fn request(
+        prompt: Vec<u32>,
+        max_tokens: usize,
+    ) -> (GenerationRequest, mpsc::Receiver<SequenceEvent>) {
+        let (events, receiver) = mpsc::channel(8);
+        let request = GenerationRequest {
+            prompt,
+            max_tokens,
+            sampler: Sampler::new(SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: 0,
+            }),
+            stop_at_eos: true,
+            events,
+        };
+        (request, receiver)
+    }
+
+    fn cache() -> SequenceCache {
+        SequenceCache::new(1, 1, 1)
+    }
+
+    /// Logits whose greedy choice is `token`.
+    fn choosing(token: u32) -> Vec<f32> {
+        let mut logits = vec![0.0; VOCAB];
+        logits[token as usize] = 5.0;
+        logits
+    }
+
+    fn events(receiver: &mut mpsc::Receiver<SequenceEvent>) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok(event) = receiver.try_recv() {
+            seen.push(match event {
+                SequenceEvent::Token { id, .. } => format!("token {id}"),
+                SequenceEvent::Finished(finish) => format!("{finish:?}"),
+                SequenceEvent::Failed(err) => format!("failed: {err}"),
+            });
+        }
+        seen
+    }
+
+    /// Runs steps of `budget` tokens, the model always choosing `token`,
+    /// until nothing is planned; returns the chunk sizes of each step.
+    fn run(running: &mut Running, budget: usize, token: u32) -> Vec<Vec<usize>> {
+        let mut steps = Vec::new();
+        loop {
+            let chunks = running.plan(budget);
+            if chunks.is_empty() {
+                return steps;
+            }
+            steps.push(chunks.iter().map(|chunk| chunk.tokens.len()).collect());
+            let logits = vec![choosing(token); chunks.len()];
+            running.advance(&chunks, &logits);
+            running.remove_finished();
+        }
+    }
+
+    #[test]
+    fn length_finish_after_max_tokens_with_the_prompt_chunked() {
+        let mut running = Running::new(4, model());
+        let (request, mut receiver) = request((0..10).collect(), 3);
+        let (_, mut queue) = mpsc::channel(1);
+        running.admit(Some(request), &mut queue, cache);
+        // 10 prompt tokens in chunks of 4, then two decode steps.
+        assert_eq!(
+            run(&mut running, 4, 3),
+            [vec![4], vec![4], vec![2], vec![1], vec![1]]
+        );
+        assert_eq!(
+            events(&mut receiver),
+            ["token 3", "token 3", "token 3", "Length"]
+        );
+        assert!(running.is_empty(), "a finished sequence is dropped");
+    }
+
+    #[test]
+    fn eos_finish_sends_no_eos_token() {
+        let mut running = Running::new(4, model());
+        let (request, mut receiver) = request(vec![1, 2], 10);
+        let (_, mut queue) = mpsc::channel(1);
+        running.admit(Some(request), &mut queue, cache);
+        run(&mut running, 8, EOS);
+        assert_eq!(events(&mut receiver), ["Eos"]);
+    }
+
+    #[test]
+    fn ignore_eos_runs_to_length() {
+        let mut running = Running::new(4, model());
+        let (mut request, mut receiver) = request(vec![1, 2], 2);
+        request.stop_at_eos = false;
+        let (_, mut queue) = mpsc::channel(1);
+        running.admit(Some(request), &mut queue, cache);
+        run(&mut running, 8, EOS);
+        assert_eq!(events(&mut receiver), ["token 7", "token 7", "Length"]);
+    }
+
+    #[test]
+    fn full_context_finishes_with_length() {
+        let mut running = Running::new(4, model());
+        // 30 prompt tokens in a context of 32: room for two.
+        let (request, mut receiver) = request((0..30).map(|i| i % 5).collect(), 100);
+        let (_, mut queue) = mpsc::channel(1);
+        running.admit(Some(request), &mut queue, cache);
+        run(&mut running, 64, 3);
+        assert_eq!(events(&mut receiver), ["token 3", "token 3", "Length"]);
+    }
+
+    #[test]
+    fn a_cancelled_sequence_leaves_and_a_cancelled_request_never_runs() {
+        let mut running = Running::new(4, model());
+        let (submit, mut queue) = mpsc::channel(4);
+        let (leaving, leaving_events) = request(vec![1], 50);
+        let (never, never_events) = request(vec![1], 50);
+        let (staying, mut staying_events) = request(vec![1], 2);
+        running.admit(Some(leaving), &mut queue, cache);
+        run_one_step(&mut running);
+        drop(leaving_events);
+        drop(never_events);
+        submit.try_send(never).unwrap();
+        submit.try_send(staying).unwrap();
+        running.admit(None, &mut queue, cache);
+        assert_eq!(running.len(), 1, "only the request whose client is there");
+        run(&mut running, 8, 3);
+        assert_eq!(
+            events(&mut staying_events),
+            ["token 3", "token 3", "Length"]
+        );
+    }
+
+    fn run_one_step(running: &mut Running) {
+        let chunks = running.plan(8);
+        let logits = vec![choosing(3); chunks.len()];
+        running.advance(&chunks, &logits);
+        running.remove_finished();
+    }
+
+    #[test]
+    fn admission_stops_at_max_running_and_leaves_the_rest_queued() {
+        let mut running = Running::new(2, model());
+        let (submit, mut queue) = mpsc::channel(8);
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            let (queued, events) = request(vec![1], 1);
+            submit.try_send(queued).unwrap();
+            clients.push(events);
+        }
+        running.admit(None, &mut queue, cache);
+        assert_eq!(running.len(), 2);
+        // The three others are still in the bounded queue, not in an
+        // unbounded list of the scheduler's.
+        assert_eq!(queue.len(), 3);
+        run_one_step(&mut running);
+        assert!(running.is_empty(), "both finished after one token");
+        running.admit(None, &mut queue, cache);
+        assert_eq!((running.len(), queue.len()), (2, 1));
+        assert!(queue.try_recv().is_ok());
+        assert!(matches!(queue.try_recv(), Err(TryRecvError::Empty)));
+    }
+
+    #[test]
+    fn a_failed_step_ends_only_its_planned_sequences() {
+        let mut running = Running::new(4, model());
+        let (_, mut queue) = mpsc::channel(1);
+        let (behind, mut behind_events) = request(vec![1], 5);
+        let (planned, mut planned_events) = request(vec![1], 5);
+        running.admit(Some(behind), &mut queue, cache);
+        running.admit(Some(planned), &mut queue, cache);
+        let chunks = running.plan(8);
+        let only_second = [chunks[1].clone()];
+        running.fail(&only_second, || crate::RouterError::Internal("boom".into()));
+        running.remove_finished();
+        assert_eq!(running.len(), 1);
+        assert_eq!(
+            events(&mut planned_events),
+            ["failed: internal error: boom"]
+        );
+        assert!(events(&mut behind_events).is_empty());
+    }
+}
