@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# A/B of builds: how the "measured and not kept" lines of the README's
-# Performance section were measured. Each BUILD_DIR holds a build's `moe`,
-# `router-svc` and `expert-svc` (copy them out of target/debug before
-# rebuilding). For every build it starts a distributed cluster (`moe up`)
-# and an in-process one (`router-svc --local-experts`), all up at once, then
+# A/B of builds: how the "measured and not kept" table of docs/decisions.md
+# was measured. Each BUILD_DIR holds a build's `moe`, `router-svc` and
+# `expert-svc` (copy them out of target/debug before rebuilding). For every
+# build it starts a distributed cluster (`moe up`) and an in-process one
+# (`moe up --in-process`), all up at once, so that both come up with the
+# launcher's own flags, then
 # runs `moe bench` on each cluster once per cycle, reversing the order every
 # other cycle, so that the machine's drift (it is shared and noisy) weighs
 # on every build and mode alike. Prints each run, then per build the mean
@@ -15,11 +16,11 @@
 #   CYCLES=6 BENCH_ARGS="--requests 64 --prompt-tokens 8 --max-tokens 128" bench/ab.sh /tmp/base /tmp/new
 #   bench/ab.sh /tmp/base /tmp/base,--expert-transport=unix    # one build, two setups
 #
-# A BUILD_DIR may carry `moe up` flags for its distributed cluster after a
+# A BUILD_DIR may carry `moe up` flags for both of its clusters after a
 # comma.
 # Environment: MODEL (a checkpoint, made with `moe init --preset small` when
-# absent), CYCLES (default 4), BENCH_ARGS (default: the issue-3 workload at
-# concurrency 32), PORT (first of 2 per build).
+# absent), CYCLES (default 4), BENCH_ARGS (default: the standard workload
+# of docs/performance.md at concurrency 32), PORT (first of 2 per build).
 # Each cluster holds the whole model: 2 builds take ~5 GB of memory.
 # Not part of CI.
 set -euo pipefail
@@ -46,20 +47,20 @@ stop() {
 }
 trap stop EXIT
 
-# "build mode port" per cluster; mode d = distributed, l = in-process.
+# "build mode port" per cluster; mode d = distributed, i = in-process.
 clusters=()
 for b in "${!BUILDS[@]}"; do
     dir=${BUILDS[$b]}
     distributed=$((PORT + 2 * b))
-    local_port=$((distributed + 1))
+    in_process=$((distributed + 1))
     IFS=, read -r -a up_flags <<< "${UP_FLAGS[$b]}"
     "$dir/moe" up --model "$MODEL" --listen "127.0.0.1:$distributed" "${up_flags[@]}" \
-        > "$LOGS/up-$b.log" 2>&1 &
+        > "$LOGS/distributed-$b.log" 2>&1 &
     servers+=($!)
-    "$dir/router-svc" --model "$MODEL" --listen "127.0.0.1:$local_port" --sched-batch \
-        --local-experts > "$LOGS/local-$b.log" 2>&1 &
+    "$dir/moe" up --model "$MODEL" --listen "127.0.0.1:$in_process" --in-process \
+        "${up_flags[@]}" > "$LOGS/in-process-$b.log" 2>&1 &
     servers+=($!)
-    clusters+=("$b d $distributed" "$b l $local_port")
+    clusters+=("$b d $distributed" "$b i $in_process")
 done
 
 bench() { # build port extra-args...
@@ -110,9 +111,9 @@ for line in open(results):
     cycle, build, mode, rate = line.split()[:4]
     rates[int(build), mode].append(float(rate))
 for b, name in enumerate(builds):
-    d, l = rates[b, "d"], rates[b, "l"]
-    mean_d, mean_l = sum(d) / len(d), sum(l) / len(l)
-    per_cycle = " ".join(f"{x / y:.3f}" for x, y in zip(d, l))
-    print(f"{name}: distributed {mean_d:.1f} tok/s, in-process {mean_l:.1f}, "
-          f"ratio {mean_d / mean_l:.3f} (cycles {per_cycle})")
+    d, i = rates[b, "d"], rates[b, "i"]
+    mean_d, mean_i = sum(d) / len(d), sum(i) / len(i)
+    per_cycle = " ".join(f"{x / y:.3f}" for x, y in zip(d, i))
+    print(f"{name}: distributed {mean_d:.1f} tok/s, in-process {mean_i:.1f}, "
+          f"ratio {mean_d / mean_i:.3f} (cycles {per_cycle})")
 PY

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The issue-3 workload (small preset, 128-token prompts, 64 output tokens,
-# greedy) against mistral.rs's OpenAI-compatible server (CPU, f32) and
-# against moe-serve's distributed mode, on the same checkpoint, through the
-# same load generator (`moe bench`); prints tokens/s of each and the ratio.
+# The standard workload of docs/performance.md (small preset, 128-token
+# prompts, 64 output tokens, greedy) against mistral.rs's OpenAI-compatible
+# server (CPU, f32) and against moe-serve's distributed mode, on the same
+# checkpoint, through the same load generator (`moe bench`); prints
+# tokens/s of each and the ratio.
 # Not part of CI: the first run installs mistralrs-cli (~16 min on 2 cores).
 #
 #   bench/mistralrs.sh                      # concurrency 16 and 32

@@ -2,8 +2,8 @@
 //! over the KV cache buffers, all sequences of a step at once.
 //!
 //! Through candle, one decode row costs about ten small tensor operations
-//! per layer, each allocating, and they dominated a decode step (~200 µs per
-//! sequence per layer at 32 sequences). Here a row is a few dot products
+//! per layer, each allocating, and they dominated a decode step
+//! (docs/decisions.md). Here a row is a few dot products
 //! over its own context, and rows run in parallel on the rayon pool: a
 //! step's cost is the sum of its sequences' contexts, with no padding to
 //! the longest.

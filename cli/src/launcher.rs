@@ -176,7 +176,7 @@ impl Cluster {
             "--listen".into(),
             options.router_listen.to_string(),
             // The experts share these cores: the router's wake-ups on each
-            // answer should not preempt their products. Passed in the
+            // result should not preempt their forward passes. Passed in the
             // in-process mode too, so that both modes run alike.
             "--sched-batch".into(),
         ];

@@ -3,10 +3,9 @@
 //! At decode an expert sees a handful of rows per layer, and its product is
 //! bound by reading the weights (8.6 MB a layer at the small preset's
 //! shapes). candle's gemm packs the weight matrix into panels on every call
-//! at 2-16 rows, which reads and writes it once more: 1.06 ms for 4 rows
-//! against 0.53 ms for 1 (cold weights, `cargo bench -p expert-svc`). This
-//! kernel reads each weight once, in order, and keeps the few output rows
-//! in cache (L2) while it does.
+//! at 2-16 rows, which reads and writes it once more (docs/decisions.md).
+//! This kernel reads each weight once, in order, and keeps the few output
+//! rows in cache (L2) while it does.
 
 /// At most this many rows go through [`skinny_matmul`]; above it the
 /// product is compute-bound and gemm's packing pays for itself.

@@ -106,8 +106,8 @@ impl Checkpoint {
 
     /// Loads a `[out, in]` weight matrix as `[in, out]`, contiguous, so that
     /// `x.matmul(w)` reads it in order: on CPU, candle's gemm gathers every
-    /// column of a transposed view on each call, 4-7x slower at decode's few
-    /// rows (1.78 ms against 0.24 ms for 4 rows x 512->2816).
+    /// column of a transposed view on each call, several times slower at
+    /// decode's few rows (docs/decisions.md).
     pub fn load_transposed(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
         Ok(self.load(name, device)?.t()?.contiguous()?)
     }

@@ -35,10 +35,10 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
 /// number of matrix-product threads.
 ///
 /// - `RAYON_NUM_THREADS` (gemm's threads): without it, candle works the
-///   count out again on every matrix product by reading /proc/cpuinfo,
-///   about 6% of a decode step here. Unset, it becomes the CPUs this
-///   process may use; the launcher gives each expert process 1 so that 17
-///   processes do not fight over the cores.
+///   count out again on every matrix product by reading /proc/cpuinfo, a
+///   visible share of a decode step (docs/decisions.md). Unset, it
+///   becomes the CPUs this process may use; the launcher gives each expert
+///   process 1 so that 17 processes do not fight over the cores.
 /// - `CANDLE_NUM_THREADS` (candle's pool for element-wise operations):
 ///   unset, it becomes 1. The pool's workers spin for a while after each
 ///   operation, and a step is many small operations: on a machine shared

@@ -111,8 +111,8 @@ pub fn encode(tensor: &Tensor, dtype: WireDType) -> Result<v1::Tensor, CodecErro
     let flat = tensor.flatten_all()?;
     // From f32 (what every service computes in), one copy out of candle's
     // storage, then the row-buffer path: candle's own dtype conversion and
-    // the copy into `Bytes` cost 1.7 ms for 2 MiB (`cargo bench -p
-    // moe-proto`), the copy alone 45 µs.
+    // a second copy into `Bytes` cost far more than the one copy
+    // (docs/decisions.md; `cargo bench -p moe-proto`).
     let data = match (flat.dtype(), dtype) {
         (DType::F32, _) => f32_bytes(flat.to_vec1::<f32>()?, dtype),
         (_, WireDType::F32) => bytes_of(&flat.to_dtype(DType::F32)?.to_vec1::<f32>()?),

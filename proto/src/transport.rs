@@ -51,9 +51,8 @@ pub fn expert_client(channel: Channel) -> ExpertClient<Channel> {
 /// HTTP/2 flow-control windows. A prefill step sends each expert hundreds
 /// of KiB per layer, and HTTP/2's 64 KiB default would stall every message
 /// on window updates. Adaptive windows start there too and grow only after
-/// round trips; fixed large windows let a layer's message go out at once.
-/// (On one machine's loopback the two measured the same; across a network
-/// the fixed ones save the ramp-up.)
+/// round trips; fixed large windows let a layer's message go out at once,
+/// which matters across a network (docs/decisions.md).
 const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 
@@ -134,7 +133,7 @@ pub fn server_with_health_and_reflection() -> (HealthReporter, Router) {
 ///
 /// `MOE_LOG_SPAN_TIMES=1` also logs every enabled span as it closes, with
 /// its busy and idle time: with `RUST_LOG=debug` that is a per-step,
-/// per-layer time profile (attention, MoE dispatch, expert products).
+/// per-layer time profile (attention, MoE dispatch, expert forward passes).
 pub fn init_logging(default_filter: &str) {
     let span_events = if std::env::var_os("MOE_LOG_SPAN_TIMES").is_some_and(|v| v == "1") {
         tracing_subscriber::fmt::format::FmtSpan::CLOSE

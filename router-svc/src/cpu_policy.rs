@@ -2,15 +2,13 @@
 //! it shares cores with.
 //!
 //! Linux lets a thread that wakes up preempt the one running on its core.
-//! On a machine shared with the expert processes, every expert answer
-//! woke a router thread that preempted whichever expert product was
-//! running, and most of those answers were not the layer's last, so
+//! On a machine shared with the expert processes, every expert result woke
+//! a router thread that preempted whichever expert forward pass was
+//! running, and most of those results were not the layer's last, so
 //! nothing could proceed on them anyway. Under SCHED_BATCH a woken router
-//! thread waits for the running product to end instead (it still gets its
-//! fair share of the CPU); the last answer of a layer finds the cores free.
-//! Measured on 2 cores with 16 expert processes (decode-heavy workload at
-//! concurrency 32, 6 alternated runs each): 389.7 → 396.1 tokens/s on the
-//! means, ITL p50 ~79 → ~77 ms.
+//! thread waits for the running pass to end instead (it still gets its
+//! fair share of the CPU); the last result of a layer finds the cores free
+//! (measured in docs/decisions.md).
 
 use std::io;
 

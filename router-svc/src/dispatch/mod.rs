@@ -24,7 +24,7 @@ pub use remote::{DispatchSettings, DistributedExperts, EndpointClient};
 
 /// Runs one expert on a batch of rows.
 pub trait ExpertBackend: Send + Sync {
-    /// `rows` is `[n, hidden]`, row-major; the answer must be too.
+    /// `rows` is `[n, hidden]`, row-major; the result must be too.
     fn run(
         &self,
         expert: usize,
