@@ -47,9 +47,10 @@ pub struct Args {
     #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 1024)]
     pub max_batch_tokens: usize,
     /// Steps of at least this many tokens run as two micro-batches, one's
-    /// attention overlapping the other's experts; 0 never splits. Decode-only
-    /// steps are usually below it: splitting them would read every expert's
-    /// weights twice.
+    /// attention overlapping the other's experts; 0 never splits. A
+    /// decode-only step has one token per running sequence, so it stays
+    /// whole while --max-running is below this (splitting it would read
+    /// every expert's weights twice).
     #[arg(long, env = "MOE_PIPELINE_MIN_TOKENS", default_value_t = 256)]
     pub pipeline_min_tokens: usize,
     /// Sequences running at once at most.
