@@ -101,9 +101,9 @@ fn help_flags(bin: &str, sub: Option<&str>) -> Vec<(String, bool)> {
         // An option's own line is indented by at most 6 spaces; its
         // description, which may mention other flags, by more.
         let indent = line.len() - line.trim_start().len();
-        let option = line.trim_start().trim_start_matches(|c: char| {
-            c == '-' || c.is_ascii_alphabetic() || c == ','
-        });
+        let option = line
+            .trim_start()
+            .trim_start_matches(|c: char| c == '-' || c.is_ascii_alphabetic() || c == ',');
         let is_option = (1..=6).contains(&indent)
             && line.trim_start().starts_with('-')
             && (option.is_empty() || option.starts_with(' '));
@@ -179,7 +179,8 @@ fn every_service_flag_reads_an_environment_variable() {
 
 #[test]
 fn flags_are_found_in_text() {
-    let flags = flags_in("moe up [--listen A] (--x=1 | --in-process)\n    [--router-arg ARG]... --");
+    let flags =
+        flags_in("moe up [--listen A] (--x=1 | --in-process)\n    [--router-arg ARG]... --");
     let expected: BTreeSet<String> = ["--listen", "--x", "--in-process", "--router-arg"]
         .map(String::from)
         .into();
