@@ -29,7 +29,36 @@ pub fn validate(
     config: &ModelConfig,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<ValidRequest, RouterError> {
-    let prompt = match request.prompt {
+    let prompt = prompt_tokens(request.prompt, config, tokenizer)?;
+    let max_tokens = max_tokens(request.max_tokens, prompt.len(), config)?;
+    let sampling = sampling(
+        request.temperature,
+        request.top_p,
+        request.top_k,
+        request.seed,
+    )?;
+    if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(String::is_empty) {
+        return Err(RouterError::invalid(format!(
+            "stop must hold at most {MAX_STOP_STRINGS} non-empty strings"
+        )));
+    }
+    Ok(ValidRequest {
+        prompt,
+        max_tokens,
+        sampling,
+        stop: request.stop,
+        logprobs: request.logprobs,
+        stop_at_eos: !request.ignore_eos,
+    })
+}
+
+/// The prompt's token ids: given, or from the text through the tokenizer.
+fn prompt_tokens(
+    prompt: Option<Prompt>,
+    config: &ModelConfig,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Vec<u32>, RouterError> {
+    let tokens = match prompt {
         Some(Prompt::Text(text)) => {
             if text.is_empty() {
                 return Err(RouterError::invalid(
@@ -53,10 +82,10 @@ pub fn validate(
             ));
         }
     };
-    if prompt.is_empty() {
+    if tokens.is_empty() {
         return Err(RouterError::invalid("prompt is empty: it holds no tokens"));
     }
-    if let Some((index, id)) = prompt
+    if let Some((index, id)) = tokens
         .iter()
         .enumerate()
         .find(|(_, id)| **id as usize >= config.vocab_size)
@@ -66,54 +95,58 @@ pub fn validate(
             config.vocab_size
         )));
     }
+    Ok(tokens)
+}
+
+/// The tokens to generate: as asked, or the default that fits the context.
+fn max_tokens(
+    asked: Option<u32>,
+    prompt_tokens: usize,
+    config: &ModelConfig,
+) -> Result<usize, RouterError> {
     let context = config.max_position_embeddings;
-    let room = context.saturating_sub(prompt.len());
-    let max_tokens = match request.max_tokens {
+    let max_tokens = match asked {
         Some(0) => return Err(RouterError::invalid("max_tokens must be at least 1")),
         Some(n) => n as usize,
-        None => DEFAULT_MAX_TOKENS.min(room),
+        None => DEFAULT_MAX_TOKENS.min(context.saturating_sub(prompt_tokens)),
     };
-    if max_tokens == 0 || prompt.len() + max_tokens > context {
+    if max_tokens == 0 || prompt_tokens + max_tokens > context {
         return Err(RouterError::invalid(format!(
-            "prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds the context length ({context})",
-            prompt.len()
+            "prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context length ({context})"
         )));
     }
-    let temperature = request.temperature.unwrap_or(1.0);
+    Ok(max_tokens)
+}
+
+/// Sampling parameters, defaults filled in (a random seed when unset).
+fn sampling(
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: i32,
+    seed: Option<u64>,
+) -> Result<SamplingParams, RouterError> {
+    let temperature = temperature.unwrap_or(1.0);
     if !(temperature >= 0.0 && temperature.is_finite()) {
         return Err(RouterError::invalid(format!(
             "temperature must be >= 0, got {temperature}"
         )));
     }
-    let top_p = request.top_p.unwrap_or(1.0);
+    let top_p = top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(RouterError::invalid(format!(
             "top_p must be in (0, 1], got {top_p}"
         )));
     }
-    if request.top_k < 0 {
+    if top_k < 0 {
         return Err(RouterError::invalid(format!(
-            "top_k must be >= 0, got {}",
-            request.top_k
+            "top_k must be >= 0, got {top_k}"
         )));
     }
-    if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(String::is_empty) {
-        return Err(RouterError::invalid(format!(
-            "stop must hold at most {MAX_STOP_STRINGS} non-empty strings"
-        )));
-    }
-    Ok(ValidRequest {
-        prompt,
-        max_tokens,
-        sampling: SamplingParams {
-            temperature,
-            top_p,
-            top_k: request.top_k as usize,
-            seed: request.seed.unwrap_or_else(rand::random),
-        },
-        stop: request.stop,
-        logprobs: request.logprobs,
-        stop_at_eos: !request.ignore_eos,
+    Ok(SamplingParams {
+        temperature,
+        top_p,
+        top_k: top_k as usize,
+        seed: seed.unwrap_or_else(rand::random),
     })
 }
 

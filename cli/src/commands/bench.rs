@@ -104,42 +104,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (shape, prompts) = shape_and_prompts(&args, &workload).await?;
     // Before any server starts, so nothing else competes for the cores.
     let peak = bench::measure_peak(&shape)?;
-    let mut runs = Vec::new();
     let mut expert_transport = None;
-    if let Some(base) = &args.openai {
+    let runs = if let Some(base) = &args.openai {
         let target = bench::OpenAi::new(base, &args.openai_model)?;
         bench::warm_up(&target, &prompts).await?;
-        runs.push(bench::run(RunMode::OpenAi, &target, &workload, &prompts, &shape, &peak).await);
+        vec![bench::run(RunMode::OpenAi, &target, &workload, &prompts, &shape, &peak).await]
     } else if let Some(addr) = &args.addr {
-        runs.push(bench::run_grpc(addr, &workload, &prompts, &shape, &peak).await?);
+        vec![bench::run_grpc(addr, &workload, &prompts, &shape, &peak).await?]
     } else {
         expert_transport = Some(args.expert_transport);
-        let distributed = start_cluster(&args, ExpertMode::Distributed).await?;
-        let in_process = if args.compare_in_process {
-            Some(start_cluster(&args, ExpertMode::InProcess).await?)
-        } else {
-            None
-        };
-        let rounds = if in_process.is_some() { args.rounds } else { 1 };
-        for round in 0..rounds as usize {
-            let mut order: Vec<&Cluster> =
-                std::iter::once(&distributed).chain(&in_process).collect();
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for cluster in order {
-                let mut run =
-                    bench::run_grpc(&cluster.router_uri(), &workload, &prompts, &shape, &peak)
-                        .await?;
-                run.round = in_process.is_some().then_some(round);
-                runs.push(run);
-            }
-        }
-        if let Some(in_process) = in_process {
-            in_process.shutdown(SHUTDOWN_GRACE).await;
-        }
-        distributed.shutdown(SHUTDOWN_GRACE).await;
-    }
+        run_on_clusters(&args, &workload, &prompts, &shape, &peak).await?
+    };
     let (ratio, ratio_per_round) = if args.compare_in_process {
         (Some(ratio(&runs)), runs.chunks(2).map(ratio).collect())
     } else {
@@ -215,6 +190,43 @@ fn ratio(runs: &[RunReport]) -> f64 {
         tokens / seconds.max(f64::EPSILON)
     };
     rate(ExpertMode::Distributed) / rate(ExpertMode::InProcess)
+}
+
+/// Starts a distributed cluster on `--model` (and an in-process one with
+/// --compare-in-process), runs the workload on each (`--rounds` times,
+/// alternating the order), and stops them.
+async fn run_on_clusters(
+    args: &BenchArgs,
+    workload: &Workload,
+    prompts: &[Prompt],
+    shape: &ModelShape,
+    peak: &Peak,
+) -> anyhow::Result<Vec<RunReport>> {
+    let distributed = start_cluster(args, ExpertMode::Distributed).await?;
+    let in_process = if args.compare_in_process {
+        Some(start_cluster(args, ExpertMode::InProcess).await?)
+    } else {
+        None
+    };
+    let rounds = if in_process.is_some() { args.rounds } else { 1 };
+    let mut runs = Vec::new();
+    for round in 0..rounds as usize {
+        let mut order: Vec<&Cluster> = std::iter::once(&distributed).chain(&in_process).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for cluster in order {
+            let mut run =
+                bench::run_grpc(&cluster.router_uri(), workload, prompts, shape, peak).await?;
+            run.round = in_process.is_some().then_some(round);
+            runs.push(run);
+        }
+    }
+    if let Some(in_process) = in_process {
+        in_process.shutdown(SHUTDOWN_GRACE).await;
+    }
+    distributed.shutdown(SHUTDOWN_GRACE).await;
+    Ok(runs)
 }
 
 /// Starts a cluster on `--model` in `mode`, as `moe up` does.
