@@ -13,6 +13,7 @@ pub mod endpoints;
 mod error;
 pub mod gate;
 mod readiness;
+mod relay;
 mod request;
 pub mod sampling;
 pub mod scheduler;

@@ -7,8 +7,8 @@ use futures::Stream;
 use moe_model::ModelConfig;
 use moe_proto::ExpertMode;
 use moe_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse,
-    StatsRequest, StatsResponse, Usage, inference_server,
+    GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse, StatsRequest,
+    StatsResponse, inference_server,
 };
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch};
@@ -16,11 +16,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::RouterError;
-use crate::detokenizer::{IncrementalDecoder, StopMatcher};
 use crate::readiness::Readiness;
+use crate::relay::relay;
 use crate::request::{ValidRequest, validate};
 use crate::sampling::Sampler;
-use crate::scheduler::{Finish, GenerationRequest, SchedulerHandle, SequenceEvent};
+use crate::scheduler::{GenerationRequest, SchedulerHandle, SequenceEvent};
 use crate::stats::RouterStats;
 
 /// Events a sequence may have waiting for its relay task.
@@ -125,77 +125,5 @@ impl inference_server::Inference for InferenceService {
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         Ok(Response::new(self.stats.snapshot()))
-    }
-}
-
-/// Turns a sequence's events into the client's responses: text deltas,
-/// stop strings, usage. Returning drops `events`, which cancels the
-/// sequence: that is how a client that leaves, or a stop string, frees the
-/// sequence and its KV cache.
-async fn relay(
-    request: ValidRequest,
-    mut events: mpsc::Receiver<SequenceEvent>,
-    responses: mpsc::Sender<Result<GenerateResponse, Status>>,
-    model: Arc<ServedModel>,
-) {
-    let mut decoder = IncrementalDecoder::new(&request.prompt);
-    let mut stops = StopMatcher::new(request.stop.clone());
-    let mut completion_tokens = 0u32;
-    let usage = |completion_tokens| Usage {
-        prompt_tokens: request.prompt.len() as u32,
-        completion_tokens,
-    };
-    loop {
-        let event = tokio::select! {
-            _ = responses.closed() => return,
-            event = events.recv() => event,
-        };
-        let response = match event {
-            Some(SequenceEvent::Token { id, logprob }) => {
-                completion_tokens += 1;
-                let delta = model
-                    .tokenizer
-                    .as_ref()
-                    .map(|t| decoder.push(t, id))
-                    .unwrap_or_default();
-                let (text, stopped) = stops.push(&delta);
-                GenerateResponse {
-                    token_ids: vec![id],
-                    text,
-                    logprobs: if request.logprobs {
-                        vec![logprob]
-                    } else {
-                        vec![]
-                    },
-                    finish_reason: if stopped {
-                        FinishReason::Stop as i32
-                    } else {
-                        0
-                    },
-                    usage: stopped.then(|| usage(completion_tokens)),
-                }
-            }
-            Some(SequenceEvent::Finished(finish)) => GenerateResponse {
-                text: stops.flush(),
-                finish_reason: match finish {
-                    Finish::Length => FinishReason::Length,
-                    Finish::Eos => FinishReason::Eos,
-                } as i32,
-                usage: Some(usage(completion_tokens)),
-                ..Default::default()
-            },
-            Some(SequenceEvent::Failed(err)) => {
-                let _ = responses.send(Err(err.into())).await;
-                return;
-            }
-            None => {
-                let _ = responses.send(Err(RouterError::ShuttingDown.into())).await;
-                return;
-            }
-        };
-        let last = response.finish_reason != 0;
-        if responses.send(Ok(response)).await.is_err() || last {
-            return;
-        }
     }
 }

@@ -1,0 +1,190 @@
+//! A request's relay task: turns its sequence's events into the client's
+//! responses (text deltas, stop strings, usage, the finish reason).
+//! Returning drops the events' receiver, which cancels the sequence: that is
+//! how a client that leaves, or a stop string, frees the sequence and its KV
+//! cache.
+
+use std::sync::Arc;
+
+use moe_proto::v1::{FinishReason, GenerateResponse, Usage};
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::RouterError;
+use crate::detokenizer::{IncrementalDecoder, StopMatcher};
+use crate::request::ValidRequest;
+use crate::scheduler::{Finish, SequenceEvent};
+use crate::service::ServedModel;
+
+/// Relays `events` to `responses` until the sequence ends, fails, or the
+/// client goes away.
+pub async fn relay(
+    request: ValidRequest,
+    mut events: mpsc::Receiver<SequenceEvent>,
+    responses: mpsc::Sender<Result<GenerateResponse, Status>>,
+    model: Arc<ServedModel>,
+) {
+    let mut builder = ResponseBuilder::new(&request, model.tokenizer.as_ref());
+    loop {
+        let event = tokio::select! {
+            _ = responses.closed() => return,
+            event = events.recv() => event,
+        };
+        let response = match event {
+            Some(SequenceEvent::Token { id, logprob }) => builder.token(id, logprob),
+            Some(SequenceEvent::Finished(finish)) => builder.finished(finish),
+            Some(SequenceEvent::Failed(err)) => {
+                let _ = responses.send(Err(err.into())).await;
+                return;
+            }
+            None => {
+                let _ = responses.send(Err(RouterError::ShuttingDown.into())).await;
+                return;
+            }
+        };
+        let last = response.finish_reason != 0;
+        if responses.send(Ok(response)).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// One request's responses, built token by token.
+struct ResponseBuilder<'a> {
+    tokenizer: Option<&'a Tokenizer>,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    logprobs: bool,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+impl<'a> ResponseBuilder<'a> {
+    fn new(request: &ValidRequest, tokenizer: Option<&'a Tokenizer>) -> Self {
+        Self {
+            tokenizer,
+            decoder: IncrementalDecoder::new(&request.prompt),
+            stops: StopMatcher::new(request.stop.clone()),
+            logprobs: request.logprobs,
+            prompt_tokens: request.prompt.len() as u32,
+            completion_tokens: 0,
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+        }
+    }
+
+    /// A generated token: its text (what a stop string does not hold
+    /// back), and the `stop` finish when it completes a stop string.
+    fn token(&mut self, id: u32, logprob: f32) -> GenerateResponse {
+        self.completion_tokens += 1;
+        let delta = self
+            .tokenizer
+            .map(|tokenizer| self.decoder.push(tokenizer, id))
+            .unwrap_or_default();
+        let (text, stopped) = self.stops.push(&delta);
+        GenerateResponse {
+            token_ids: vec![id],
+            text,
+            logprobs: if self.logprobs { vec![logprob] } else { vec![] },
+            finish_reason: if stopped {
+                FinishReason::Stop as i32
+            } else {
+                0
+            },
+            usage: stopped.then(|| self.usage()),
+        }
+    }
+
+    /// The last response: any text held back, the finish reason, usage.
+    fn finished(&mut self, finish: Finish) -> GenerateResponse {
+        GenerateResponse {
+            text: self.stops.flush(),
+            finish_reason: match finish {
+                Finish::Length => FinishReason::Length,
+                Finish::Eos => FinishReason::Eos,
+            } as i32,
+            usage: Some(self.usage()),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::SamplingParams;
+
+    fn request(stop: &[&str], logprobs: bool) -> ValidRequest {
+        ValidRequest {
+            prompt: vec![1, 2, 3],
+            max_tokens: 10,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: 0,
+            },
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            logprobs,
+            stop_at_eos: true,
+        }
+    }
+
+    #[test]
+    fn tokens_then_length_with_usage() {
+        let request = request(&[], true);
+        let mut builder = ResponseBuilder::new(&request, None);
+        let first = builder.token(7, -0.5);
+        assert_eq!(first.token_ids, [7]);
+        assert_eq!(first.logprobs, [-0.5]);
+        assert_eq!(first.finish_reason, 0);
+        assert!(first.usage.is_none());
+        builder.token(8, -0.25);
+        let last = builder.finished(Finish::Length);
+        assert_eq!(last.finish_reason, FinishReason::Length as i32);
+        assert!(last.token_ids.is_empty());
+        let usage = last.usage.unwrap();
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 2));
+    }
+
+    #[test]
+    fn eos_finishes_with_eos_and_logprobs_only_when_asked() {
+        let request = request(&[], false);
+        let mut builder = ResponseBuilder::new(&request, None);
+        assert!(builder.token(7, -0.5).logprobs.is_empty());
+        let last = builder.finished(Finish::Eos);
+        assert_eq!(last.finish_reason, FinishReason::Eos as i32);
+        assert_eq!(last.usage.unwrap().completion_tokens, 1);
+    }
+
+    #[test]
+    fn a_stop_string_finishes_with_stop() {
+        let tokenizer = moe_model::synth::train_tokenizer(300).unwrap();
+        let request = request(&["the"], false);
+        let mut builder = ResponseBuilder::new(&request, Some(&tokenizer));
+        let ids = tokenizer.encode("and the rest", false).unwrap();
+        let mut stopped = None;
+        let mut text = String::new();
+        for &id in ids.get_ids() {
+            let response = builder.token(id, 0.0);
+            text.push_str(&response.text);
+            if response.finish_reason != 0 {
+                stopped = Some(response);
+                break;
+            }
+        }
+        let stopped = stopped.expect("the stop string ends the sequence");
+        assert_eq!(stopped.finish_reason, FinishReason::Stop as i32);
+        assert!(stopped.usage.is_some());
+        assert!(
+            !text.contains("the"),
+            "{text:?}: the stop string is not sent"
+        );
+    }
+}
