@@ -56,10 +56,6 @@ impl Checkpoint {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
