@@ -1,9 +1,9 @@
 //! The `moe` command as a user runs it: init a checkpoint, then generate
 //! against a running cluster with --json.
 
-use std::process::Command;
+use std::process::{Command, Output};
 
-use moe_e2e::start;
+use moe_e2e::{start, tiny_checkpoint};
 use moe_proto::ExpertMode;
 
 fn moe() -> Command {
@@ -67,15 +67,69 @@ async fn init_then_generate_json() {
     assert!(json["text"].is_string());
 }
 
-#[test]
-fn generate_reports_a_refusal_and_fails() {
-    // No router listens on this port: a clear error and a non-zero exit.
-    let output = moe()
-        .args(["generate", "--addr", "http://127.0.0.1:9", "hello"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    assert!(!output.stderr.is_empty());
+/// Runs `moe` with `args` off the runtime's threads, with backtraces off
+/// so that stderr is what a user sees.
+async fn run_moe(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        moe()
+            .args(args)
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Exit status 1 with an error on stderr, not a panic (101) or a signal.
+fn assert_failed_cleanly(output: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.starts_with("Error: "), "{stderr}");
+    stderr
+}
+
+/// The router refuses the request (INVALID_ARGUMENT, which tonic spells
+/// "Client specified an invalid argument"), and `moe generate` says so,
+/// naming the field at fault, prints no text, and fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_reports_a_refusal_and_fails() {
+    let model = tiny_checkpoint();
+    let cluster = start(model.path(), ExpertMode::InProcess).await;
+    let uri = cluster.router_uri();
+    let output = run_moe(&[
+        "generate",
+        "--addr",
+        &uri,
+        "--prompt-ids",
+        "1,2",
+        "--max-tokens",
+        "5000",
+    ])
+    .await;
+    let stderr = assert_failed_cleanly(&output);
+    assert!(
+        stderr.contains("Client specified an invalid argument: "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("plus max_tokens (5000) exceeds the context length (1024)"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "{:?}", output.stdout);
+}
+
+/// No router listens: `moe generate` says it could not connect, and fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_reports_an_unreachable_router_and_fails() {
+    // Port 9 (discard): nothing listens there on a test machine.
+    let output = run_moe(&["generate", "--addr", "http://127.0.0.1:9", "hello"]).await;
+    let stderr = assert_failed_cleanly(&output);
+    assert!(stderr.contains("tcp connect error"), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
 }
 
 /// `moe bench --model DIR --compare-in-process --json`: both modes run the whole

@@ -114,34 +114,75 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn matches_candle_matmul() {
-        if !available() {
-            return;
-        }
+    /// Row, inner and column counts whose columns are and are not
+    /// multiples of the block, and whose inner count is and is not a
+    /// multiple of the unrolling.
+    const SHAPES: [(usize, usize, usize); 5] = [
+        (1, 8, 5),
+        (3, 64, 256),
+        (16, 100, 600),
+        (7, 512, 2816),
+        (2, 13, 17),
+    ];
+
+    /// Random `x` and `weights` of a shape, and their product as candle
+    /// computes it.
+    fn case(rows: usize, inner: usize, columns: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let device = Device::Cpu;
-        // Column counts that are and are not multiples of the block.
-        for (rows, inner, columns) in [(1, 8, 5), (3, 64, 256), (16, 100, 600), (7, 512, 2816)] {
-            let x = Tensor::randn(0f32, 1.0, (rows, inner), &device).unwrap();
-            let w = Tensor::randn(0f32, 1.0, (inner, columns), &device).unwrap();
-            let expected = x
-                .matmul(&w)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let got = skinny_matmul(
-                &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                rows,
-                &w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                columns,
+        let x = Tensor::randn(0f32, 1.0, (rows, inner), &device).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (inner, columns), &device).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (flat(&x), flat(&w), flat(&x.matmul(&w).unwrap()))
+    }
+
+    fn assert_matches(label: &str, got: &[f32], expected: &[f32]) {
+        assert_eq!(got.len(), expected.len(), "{label}: length");
+        for (g, e) in got.iter().zip(expected) {
+            assert!(
+                (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                "{label}: {g} vs {e}"
             );
-            for (g, e) in got.iter().zip(&expected) {
-                assert!(
-                    (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                    "{rows}x{inner}x{columns}: {g} vs {e}"
-                );
+        }
+    }
+
+    /// The loop itself, as every CPU runs it: the portable path, and the
+    /// code the AVX2 build compiles.
+    #[test]
+    fn portable_kernel_matches_candle_matmul() {
+        for (rows, inner, columns) in SHAPES {
+            let (x, w, expected) = case(rows, inner, columns);
+            let mut got = vec![0f32; rows * columns];
+            accumulate(&x, rows, inner, &w, columns, &mut got);
+            assert_matches(&format!("{rows}x{inner}x{columns}"), &got, &expected);
+        }
+    }
+
+    /// The entry point callers use. Whether this CPU has AVX2 and FMA is
+    /// known only at run time, and libtest cannot skip a test at run time
+    /// (`#[ignore]` is decided at compile time, and the compile-time
+    /// `target_feature` cfgs are off in a default build, so a
+    /// `cfg_attr(ignore)` would skip this test everywhere). So it asserts
+    /// what the entry point promises on either kind of CPU: with AVX2 and
+    /// FMA (or off x86_64, where it runs the portable loop) the same
+    /// products as candle; without them on x86_64, a refusal naming what is
+    /// missing rather than a wrong answer.
+    #[test]
+    fn skinny_matmul_matches_candle_matmul_or_refuses_without_avx2() {
+        if cfg!(target_arch = "x86_64") && !available() {
+            let (x, w, _) = case(3, 64, 256);
+            let refusal = std::panic::catch_unwind(|| skinny_matmul(&x, 3, &w, 256))
+                .expect_err("without AVX2 and FMA, skinny_matmul refuses");
+            let message = refusal
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| refusal.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            assert!(message.contains("needs AVX2 and FMA"), "{message}");
+        } else {
+            for (rows, inner, columns) in SHAPES {
+                let (x, w, expected) = case(rows, inner, columns);
+                let got = skinny_matmul(&x, rows, &w, columns);
+                assert_matches(&format!("{rows}x{inner}x{columns}"), &got, &expected);
             }
         }
     }

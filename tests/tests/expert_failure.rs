@@ -18,22 +18,45 @@ async fn dead_expert_fails_the_request_fast_and_names_it() {
         .await
         .expect("healthy cluster answers");
 
-    // A long generation is running when expert 3 is killed (SIGKILL, as a
-    // crash or an OOM kill would).
-    let long = tokio::spawn({
-        let uri = uri.clone();
-        async move { generate(&uri, greedy(&[9, 10, 11], 900)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A long generation is running, its tokens flowing, when expert 3 is
+    // killed (SIGKILL, as a crash or an OOM kill would).
+    const MAX_TOKENS: usize = 900;
+    let mut client = moe_e2e::client::connect(&uri).await.unwrap();
+    let mut stream = client
+        .generate(greedy(&[9, 10, 11], MAX_TOKENS as u32))
+        .await
+        .expect("the request is admitted")
+        .into_inner();
+    let mut tokens = 0;
+    while tokens < 5 {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("tokens flow")
+            .expect("the healthy cluster generates")
+            .expect("a token");
+        tokens += message.token_ids.len();
+    }
     let killed_at = Instant::now();
     let victim_uri = cluster.experts[3].uri();
     cluster.experts[3].kill().await.expect("kill expert 3");
 
-    let status = tokio::time::timeout(Duration::from_secs(10), long)
-        .await
-        .expect("the request ends instead of hanging")
-        .expect("task")
-        .expect_err("the request cannot complete without expert 3");
+    let status = loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("the request ends instead of hanging");
+        match message {
+            Ok(Some(message)) => {
+                tokens += message.token_ids.len();
+                assert_eq!(
+                    message.finish_reason, 0,
+                    "the request finished ({tokens} tokens) without expert 3"
+                );
+            }
+            Ok(None) => panic!("the stream ended without a status after {tokens} tokens"),
+            Err(status) => break status,
+        }
+    };
+    assert!(tokens < MAX_TOKENS, "{tokens} tokens");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
         status.message().contains("expert 3"),

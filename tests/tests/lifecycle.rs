@@ -3,26 +3,18 @@
 
 use std::time::Duration;
 
-use moe::launcher::{ExpertTransport, spawn};
+use moe::launcher::ExpertTransport;
 use moe_e2e::{
-    generate, greedy, quiet_options, start_expert, start_over, start_with_router_args,
-    tiny_checkpoint,
+    HealthWatch, ServingStatus, collect, describe, generate, greedy, spawn_router, stalling_client,
+    start_expert, start_over, start_with_router_args, tiny_checkpoint, within,
 };
 use moe_proto::ListenAddr;
-use moe_proto::v1::DescribeRequest;
-use moe_proto::v1::expert_client::ExpertClient;
 use tonic::Code;
 
 async fn rows_served(cluster: &moe::launcher::Cluster) -> u64 {
     let mut total = 0;
     for expert in &cluster.experts {
-        let channel = moe_proto::transport::connect(&expert.uri()).await.unwrap();
-        total += ExpertClient::new(channel)
-            .describe(DescribeRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .rows_served;
+        total += describe(&expert.uri()).await.rows_served;
     }
     total
 }
@@ -77,18 +69,15 @@ async fn router_refuses_an_expert_of_another_checkpoint() {
     moe_model::synth::write_checkpoint(other.path(), moe_model::synth::Preset::Tiny, 1).unwrap();
     let impostor = start_expert(other.path(), 0, "0..4").await;
 
-    let options = quiet_options(model.path());
-    let mut command = tokio::process::Command::new(options.bin_dir.join("router-svc"));
-    command
-        .arg("--model")
-        .arg(model.path())
-        .args(["--listen", "127.0.0.1:0"]);
-    command.args(["--expert", &format!("0={}", impostor.uri())]);
+    let mut args = vec!["--expert".to_owned(), format!("0={}", impostor.uri())];
     // Experts 1..15 point at a port where nothing listens.
     for expert in 1..16 {
-        command.args(["--expert", &format!("{expert}=http://127.0.0.1:9")]);
+        args.extend([
+            "--expert".to_owned(),
+            format!("{expert}=http://127.0.0.1:9"),
+        ]);
     }
-    let router = spawn("router-svc".into(), command, &options).await.unwrap();
+    let router = spawn_router(model.path(), &args).await;
     let uri = router.uri();
 
     let mut message = String::new();
@@ -117,32 +106,60 @@ async fn router_refuses_an_expert_of_another_checkpoint() {
 /// SIGTERM: the router stops taking requests but finishes the running one,
 /// then exits cleanly; an expert drains and exits too, and removes its Unix
 /// socket.
+///
+/// The running request is read through a [`stalling_client`], so it cannot
+/// finish before the test reads it: it is certainly still running when the
+/// new request is refused. The router is known to have started draining
+/// once its health (watched, not polled) says NOT_SERVING; by then it has
+/// closed its listener, so a new client's connection is refused, or, should
+/// one get through, its request is refused as "shutting down".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_exits() {
+    const MAX_TOKENS: usize = 300;
     let model = tiny_checkpoint();
     let mut cluster = start_over(model.path(), ExpertTransport::Unix).await;
     let uri = cluster.router_uri();
-    let mut client = moe_e2e::client::connect(&uri).await.unwrap();
-    let mut stream = client
-        .generate(greedy(&[4, 5, 6], 300))
+    let mut client = stalling_client(&uri).await;
+    let mut stream = within(
+        "the request is admitted",
+        client.generate(greedy(&[4, 5, 6], MAX_TOKENS as u32)),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    within("the first token", stream.message())
         .await
         .unwrap()
-        .into_inner();
-    stream.message().await.unwrap().expect("first token");
+        .expect("first token");
+    let mut health = HealthWatch::open(&uri).await;
+    health.until(ServingStatus::Serving).await;
 
     cluster.router.terminate();
-    let mut tokens = 1;
-    let mut finish = 0;
-    while let Some(message) = stream
-        .message()
-        .await
-        .expect("the running request completes")
-    {
-        tokens += message.token_ids.len();
-        finish = message.finish_reason;
+    health.until(ServingStatus::NotServing).await;
+    // The watch would hold the drain open: a router waits for its streams.
+    drop(health);
+    match moe_e2e::client::connect(&uri).await {
+        Err(err) => assert!(
+            connection_refused(&err),
+            "a new client could not connect, but not because it was refused: {err:?}"
+        ),
+        Ok(mut late) => {
+            let status = within(
+                "the late request's answer",
+                late.generate(greedy(&[1, 2], 3)),
+            )
+            .await
+            .expect_err("a draining router takes no new request");
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(status.message().contains("shutting down"), "{status:?}");
+        }
     }
-    assert_eq!(tokens, 300);
-    assert_eq!(finish, moe_proto::v1::FinishReason::Length as i32);
+
+    let rest = collect(stream)
+        .await
+        .expect("the running request completes");
+    assert_eq!(1 + rest.token_ids.len(), MAX_TOKENS);
+    assert_eq!(rest.finish_reason, "length");
     let status = tokio::time::timeout(Duration::from_secs(20), cluster.router.wait())
         .await
         .unwrap()
@@ -161,4 +178,16 @@ async fn sigterm_drains_then_exits() {
         .unwrap();
     assert!(status.success(), "expert exit: {status}");
     assert!(!socket.exists(), "{} left behind", socket.display());
+}
+
+/// Whether connecting failed because nothing listens at the address.
+fn connection_refused(err: &tonic::transport::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        source = error.source();
+    }
+    false
 }

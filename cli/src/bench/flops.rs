@@ -173,10 +173,52 @@ mod tests {
         assert_eq!(s.request_flops(5, 0), 0.0);
     }
 
+    /// The f32 product rate of `(m, k, n)` timed here, independently of
+    /// [`measure_peak`]: the best of several runs of a few products each.
+    fn product_rate(m: usize, k: usize, n: usize) -> f64 {
+        let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu).unwrap();
+        a.matmul(&b).unwrap();
+        let mut best = Duration::MAX;
+        for _ in 0..20 {
+            let started = Instant::now();
+            for _ in 0..10 {
+                a.matmul(&b).unwrap();
+            }
+            best = best.min(started.elapsed() / 10);
+        }
+        2.0 * (m * k * n) as f64 / best.as_secs_f64()
+    }
+
+    /// The peak is the rate of one of the model's products (at 256 rows),
+    /// a plausible rate for a CPU (1e8 to 1e13 FLOP/s), and within a
+    /// factor of ten of that product's rate timed here by other means. The
+    /// bounds are wide because a busy shared machine can slow either
+    /// measurement several times: the test catches a wrong shape, unit or
+    /// FLOP count, not a slow machine.
     #[test]
-    fn peak_is_a_positive_rate_at_a_model_shape() {
-        let peak = measure_peak(&shape()).unwrap();
-        assert!(peak.flops_per_s > 0.0);
+    fn peak_is_the_rate_of_a_model_product() {
+        let model = moe_model::synth::Preset::Tiny.config(512);
+        let shape = ModelShape::from(&model);
+        let peak = measure_peak(&shape).unwrap();
+        assert!(
+            shape.product_shapes(256).contains(&peak.shape),
+            "{:?} is not one of the model's products",
+            peak.shape
+        );
         assert_eq!(peak.shape.0, 256);
+        assert!(
+            (1e8..1e13).contains(&peak.flops_per_s),
+            "{} FLOP/s is not a CPU's rate",
+            peak.flops_per_s
+        );
+        let (m, k, n) = peak.shape;
+        let timed = product_rate(m, k, n);
+        let ratio = peak.flops_per_s / timed;
+        assert!(
+            (0.1..10.0).contains(&ratio),
+            "measured peak {:.3e} FLOP/s, the same product timed here {timed:.3e}",
+            peak.flops_per_s
+        );
     }
 }

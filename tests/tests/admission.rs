@@ -1,0 +1,82 @@
+//! Admission: with every running slot taken and `--queue-capacity`
+//! requests already waiting, a request is refused at once with
+//! RESOURCE_EXHAUSTED, and the requests admitted before it still complete.
+
+use std::time::Duration;
+
+use moe_e2e::{collect, generate, greedy, stalling_client, start_in, tiny_checkpoint, within};
+use moe_proto::ExpertMode;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_at_once_and_the_admitted_requests_complete() {
+    const RUNNING_TOKENS: usize = 300;
+    let model = tiny_checkpoint();
+    // Admission happens before any expert is involved: in-process will do.
+    let cluster = start_in(
+        model.path(),
+        ExpertMode::InProcess,
+        &["--max-running=1", "--queue-capacity=1"],
+    )
+    .await;
+    let uri = cluster.router_uri();
+
+    // The running request, read through a stalling client: it cannot
+    // finish, and free the one running slot, before the test reads it.
+    let mut stalled = stalling_client(&uri).await;
+    let running = stalled.generate(greedy(&[4, 5, 6], RUNNING_TOKENS as u32));
+    let mut running = within("the first request's answer", running)
+        .await
+        .expect("the first request is admitted")
+        .into_inner();
+    let first = within("the first request's first token", running.message())
+        .await
+        .expect("it runs")
+        .expect("a first token");
+
+    // The waiting request: its response headers come back once the router
+    // has queued it, and it waits there for the slot.
+    let mut client = moe_e2e::client::connect(&uri).await.unwrap();
+    let waiting = within(
+        "the second request's answer",
+        client.generate(greedy(&[7, 8], 5)),
+    )
+    .await
+    .expect("the second request is queued")
+    .into_inner();
+
+    // The queue is full: the third is refused without waiting for a slot
+    // (which the stalled request would never free).
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.generate(greedy(&[9, 10], 5)),
+    )
+    .await
+    .expect("refused at once, not queued")
+    .expect_err("no room in the queue");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("1 requests already waiting"),
+        "{:?} does not say the queue is full",
+        refused.message()
+    );
+
+    // Both admitted requests complete: the running one once it is read, the
+    // waiting one in the slot that frees.
+    let rest = collect(running)
+        .await
+        .expect("the running request completes");
+    assert_eq!(first.token_ids.len() + rest.token_ids.len(), RUNNING_TOKENS);
+    assert_eq!(rest.finish_reason, "length");
+    let waited = collect(waiting)
+        .await
+        .expect("the queued request completes");
+    assert_eq!(waited.token_ids.len(), 5);
+    assert_eq!(waited.finish_reason, "length");
+
+    // With the queue empty again, a new request is taken.
+    let after = generate(&uri, greedy(&[9, 10], 5))
+        .await
+        .expect("room again");
+    assert_eq!(after.token_ids.len(), 5);
+}
