@@ -70,9 +70,12 @@ impl ExpertService {
         let mut draining = self.draining.clone();
         let mut ended = false;
         while !ended {
+            // Draining first: once it starts, no new message is read, even
+            // one that is already waiting.
             let first = tokio::select! {
-                message = inbound.next() => message,
+                biased;
                 _ = draining.wait_for(|draining| *draining) => break,
+                message = inbound.next() => message,
             };
             let mut next = Some(first);
             while let Some(message) = next {

@@ -56,7 +56,7 @@ async fn a_full_queue_refuses_at_once_and_the_admitted_requests_complete() {
     .expect_err("no room in the queue");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
-        refused.message().contains("1 requests already waiting"),
+        refused.message().contains("the queue is full (1 waiting)"),
         "{:?} does not say the queue is full",
         refused.message()
     );

@@ -81,7 +81,7 @@ impl SchedulerHandle {
         self.queue.try_send(request).map_err(|err| {
             RouterError::refused(err, || {
                 format!(
-                    "{} requests already waiting; retry later",
+                    "the queue is full ({} waiting); retry later",
                     self.queue.max_capacity()
                 )
             })
