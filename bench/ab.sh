@@ -57,8 +57,13 @@ for b in "${!BUILDS[@]}"; do
     "$dir/moe" up --model "$MODEL" --listen "127.0.0.1:$distributed" "${up_flags[@]}" \
         > "$LOGS/distributed-$b.log" 2>&1 &
     servers+=($!)
-    "$dir/moe" up --model "$MODEL" --listen "127.0.0.1:$in_process" --in-process \
-        "${up_flags[@]}" > "$LOGS/in-process-$b.log" 2>&1 &
+    if "$dir/moe" up --help | grep -q -- --in-process; then
+        "$dir/moe" up --model "$MODEL" --listen "127.0.0.1:$in_process" --in-process \
+            "${up_flags[@]}" > "$LOGS/in-process-$b.log" 2>&1 &
+    else # a build from before `moe up --in-process`
+        "$dir/router-svc" --model "$MODEL" --listen "127.0.0.1:$in_process" --sched-batch \
+            --local-experts > "$LOGS/in-process-$b.log" 2>&1 &
+    fi
     servers+=($!)
     clusters+=("$b d $distributed" "$b i $in_process")
 done

@@ -19,7 +19,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// How the router reaches the expert processes it starts. Both carry the
-/// same gRPC and measured alike on one machine (docs/performance.md); TCP
+/// same gRPC and measured alike on one machine (docs/decisions.md); TCP
 /// is the default because it is how experts on other machines are reached,
 /// so it is what the benchmarks measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]

@@ -183,7 +183,7 @@ fn bench_compares_distributed_with_in_process() {
         let utilisation = run["utilisation"].as_f64().unwrap();
         assert!(utilisation > 0.0 && utilisation < 1.0, "{run}");
     }
-    let (distributed, local): (Vec<_>, Vec<_>) =
+    let (distributed, in_process): (Vec<_>, Vec<_>) =
         runs.iter().partition(|run| run["mode"] == "distributed");
     let wire = &distributed[0]["wire"];
     assert_eq!(wire["dtype"], "f32");
@@ -193,7 +193,7 @@ fn bench_compares_distributed_with_in_process() {
     // (64 values, one or two rows per message) that is still under 10%.
     assert!((0.0..0.10).contains(&overhead), "{wire}");
     assert!(
-        local.iter().all(|run| run.get("wire").is_none()),
+        in_process.iter().all(|run| run.get("wire").is_none()),
         "no wire in-process"
     );
     let rate = |runs: &[&serde_json::Value]| {
@@ -206,7 +206,7 @@ fn bench_compares_distributed_with_in_process() {
     };
     let ratio = report["ratio"].as_f64().unwrap();
     assert!(
-        (ratio - rate(&distributed) / rate(&local)).abs() < 1e-9,
+        (ratio - rate(&distributed) / rate(&in_process)).abs() < 1e-9,
         "{ratio}"
     );
     let per_round = report["ratio_per_round"].as_array().unwrap();

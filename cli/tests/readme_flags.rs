@@ -31,7 +31,7 @@ fn readme() -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
 }
 
-/// The `--flags` of a text, in order of appearance, without duplicates.
+/// The `--flags` of a text, without duplicates.
 fn flags_in(text: &str) -> BTreeSet<String> {
     let mut flags = BTreeSet::new();
     let mut rest = text;

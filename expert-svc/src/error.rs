@@ -1,6 +1,6 @@
 use tonic::{Code, Status};
 
-/// What can go wrong between a request arriving and its answer leaving.
+/// What can go wrong between a message arriving and its result leaving.
 #[derive(Debug, thiserror::Error)]
 pub enum ExpertError {
     #[error("invalid hidden tensor: {0}")]

@@ -3,7 +3,7 @@
 //! An expert service loads one expert's SwiGLU matrices for a range of
 //! layers and nothing else. Every message queued for the same layer, from
 //! whichever stream, shares one forward pass. Experts keep no per-request
-//! state, so any replica can answer any message.
+//! state, so any replica can serve any message.
 
 mod config;
 mod error;

@@ -80,7 +80,7 @@ impl ExpertService {
             let mut next = Some(first);
             while let Some(message) = next {
                 match message {
-                    Some(Ok(batch)) => self.queue(batch, &outbound),
+                    Some(Ok(batch)) => self.enqueue(batch, &outbound),
                     Some(Err(status)) => {
                         tracing::debug!(%status, "forward stream ended by the caller");
                         ended = true;
@@ -102,31 +102,29 @@ impl ExpertService {
         }
     }
 
-    /// Checks the message's layer, decodes its rows and queues its forward
-    /// pass; a message that cannot be computed gets its error at once.
-    fn queue(&self, batch: ExpertBatch, outbound: &Outbound) {
+    /// Decodes one message's rows and queues its forward pass (the queue
+    /// checks its layer); a message that cannot be computed gets its error
+    /// at once.
+    fn enqueue(&self, batch: ExpertBatch, outbound: &Outbound) {
         let request_id = batch.request_id;
-        let queued = self
-            .queue
-            .weights()
-            .check_layer(batch.layer as usize)
-            .and_then(|()| {
-                let (rows, dtype) = tensor_codec::decode_rows(
-                    batch.hidden.as_ref(),
-                    self.hidden_size,
-                    &self.compute_device,
-                )?;
-                let outbound = outbound.clone();
-                self.queue.submit(
-                    batch.layer as usize,
-                    rows,
-                    Box::new(move |output| {
-                        let encoded =
-                            output.and_then(|output| Ok(tensor_codec::encode(&output, dtype)?));
-                        send_result(&outbound, request_id, encoded);
-                    }),
-                )
-            });
+        let queued = tensor_codec::decode_rows(
+            batch.hidden.as_ref(),
+            self.hidden_size,
+            &self.compute_device,
+        )
+        .map_err(ExpertError::from)
+        .and_then(|(rows, dtype)| {
+            let outbound = outbound.clone();
+            self.queue.submit(
+                batch.layer as usize,
+                rows,
+                Box::new(move |output| {
+                    let encoded =
+                        output.and_then(|output| Ok(tensor_codec::encode(&output, dtype)?));
+                    send_result(&outbound, request_id, encoded);
+                }),
+            )
+        });
         if let Err(err) = queued {
             send_result(outbound, request_id, Err(err));
         }

@@ -1,9 +1,8 @@
 //! A malformed tensor from a peer is refused with INVALID_ARGUMENT naming
 //! what is wrong, on the same stream, and the expert keeps serving: the
-//! stream's other messages and new streams are answered.
+//! stream's other messages and new streams are served.
 
 use moe_e2e::{start_expert, tiny_checkpoint};
-use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::expert_result::Result as Outcome;
 use moe_proto::v1::{DType, DescribeRequest, ExpertBatch, ExpertResult, Tensor};
 use tokio::sync::mpsc;
@@ -36,29 +35,29 @@ fn batch(request_id: u64, layer: u32, hidden: Tensor) -> ExpertBatch {
 }
 
 /// Sends `message` on a fresh stream, then a valid one on the same stream,
-/// and returns both answers.
+/// and returns both results.
 async fn send_then_valid(channel: Channel, message: ExpertBatch) -> (ExpertResult, ExpertResult) {
     let (sender, receiver) = mpsc::channel(4);
-    let mut answers = ExpertClient::new(channel)
+    let mut results = moe_proto::transport::expert_client(channel)
         .forward(ReceiverStream::new(receiver))
         .await
         .expect("stream opens")
         .into_inner();
     sender.send(message).await.unwrap();
-    let first = answers
+    let first = results
         .message()
         .await
         .expect("stream alive")
-        .expect("an answer");
+        .expect("a result");
     sender
         .send(batch(99, 1, f32_tensor(3, HIDDEN)))
         .await
         .unwrap();
-    let second = answers
+    let second = results
         .message()
         .await
         .expect("stream still alive")
-        .expect("an answer");
+        .expect("a result");
     (first, second)
 }
 
@@ -83,14 +82,14 @@ async fn assert_refused(message: ExpertBatch, expected: &str) {
         "{text:?} does not mention {expected:?}"
     );
 
-    // The same stream answers the next message...
+    // The same stream serves the next message...
     assert_eq!(second.request_id, 99);
     match second.result {
         Some(Outcome::Output(output)) => assert_eq!(output.shape, vec![3, HIDDEN as u64]),
         other => panic!("expected an output, got {other:?}"),
     }
     // ...and the process still serves new calls.
-    let described = ExpertClient::new(channel)
+    let described = moe_proto::transport::expert_client(channel)
         .describe(DescribeRequest {})
         .await
         .unwrap()

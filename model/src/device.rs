@@ -66,7 +66,7 @@ pub fn pin_compute_threads() -> usize {
 }
 
 /// Whether this CPU runs the AVX2 + FMA builds of our hand-written kernels
-/// (decode attention, few-row expert products), which are compiled for
+/// (decode attention, few-row expert forward passes), which are compiled for
 /// those instructions and chosen at run time.
 pub fn cpu_has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -1,7 +1,7 @@
 //! The tensor codec's speed, in bytes of f32 hidden states per second: a
 //! prefill layer's message to one expert (1024 rows of d_model 512, 2 MiB),
 //! as the router encodes it (a row buffer, f32 zero-copy or converted to
-//! bf16) and decodes the answer, and as an expert does (candle tensors).
+//! bf16) and decodes the result, and as an expert does (candle tensors).
 //!
 //! `cargo bench -p moe-proto --bench codec`
 

@@ -187,7 +187,7 @@ pub fn decode_rows_f32(
 
 /// Decodes a `[rows, width]` tensor into f32 on `device`, after checking its
 /// dtype, rank, width and byte length. Returns the wire dtype too, so that a
-/// server can answer in the dtype it was asked in.
+/// server can reply in the dtype it was sent.
 pub fn decode_rows(
     message: Option<&v1::Tensor>,
     width: usize,

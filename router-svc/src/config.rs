@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use clap::builder::BoolishValueParser;
 use moe_proto::{ExpertMode, ListenAddr, WireDType};
 
 use crate::RouterError;
@@ -38,7 +39,7 @@ pub struct Args {
     pub cluster: Option<PathBuf>,
     /// Run every expert inside this process (the in-process mode: same
     /// kernels, no network).
-    #[arg(long, env = "MOE_IN_PROCESS", alias = "local-experts")]
+    #[arg(long, env = "MOE_IN_PROCESS", alias = "local-experts", value_parser = BoolishValueParser::new())]
     pub in_process: bool,
     /// `cpu` or `cuda:N`, for attention (and the experts, in-process).
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
@@ -47,10 +48,9 @@ pub struct Args {
     #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 1024)]
     pub max_batch_tokens: usize,
     /// Steps of at least this many tokens run as two micro-batches, one's
-    /// attention overlapping the other's experts; 0 never splits. A
-    /// decode-only step has one token per running sequence, so it stays
-    /// whole while --max-running is below this (splitting it would read
-    /// every expert's weights twice).
+    /// attention overlapping the other's experts; 0 never splits.
+    /// Decode-only steps always run whole (splitting them would read every
+    /// expert's weights twice).
     #[arg(long, env = "MOE_PIPELINE_MIN_TOKENS", default_value_t = 256)]
     pub pipeline_min_tokens: usize,
     /// Sequences running at once at most.
@@ -60,7 +60,7 @@ pub struct Args {
     /// RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "MOE_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
-    /// Seconds an expert may take to answer one message.
+    /// Seconds an expert may take to return one message's result.
     #[arg(long, env = "MOE_EXPERT_TIMEOUT_SECS", default_value_t = 30)]
     pub expert_timeout_secs: u64,
     /// Element type of hidden states on the wire: f32, bf16 or f16.
@@ -71,7 +71,7 @@ pub struct Args {
     pub shutdown_grace_secs: u64,
     /// Run this process's threads as SCHED_BATCH (Linux), so that its
     /// wake-ups do not preempt expert processes on the same cores.
-    #[arg(long, env = "MOE_SCHED_BATCH")]
+    #[arg(long, env = "MOE_SCHED_BATCH", value_parser = BoolishValueParser::new())]
     pub sched_batch: bool,
 }
 

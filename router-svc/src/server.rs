@@ -63,9 +63,12 @@ pub async fn run(
         tokio::runtime::Handle::current(),
     )?;
     drop(checkpoint);
-    tokio::spawn(report_health(readiness.clone(), health.clone()));
-
     let (draining, drain_signal) = transport::drain_switch();
+    tokio::spawn(report_health(
+        readiness.clone(),
+        health.clone(),
+        drain_signal.clone(),
+    ));
     let service = InferenceService::new(model, scheduler, readiness, stats, drain_signal);
     tracing::info!(addr = %listener.local_addr()?, %mode, "router serving");
     let server = server.add_service(transport::inference_server(service));
@@ -146,9 +149,14 @@ fn load_tokenizer(checkpoint: &Checkpoint) -> Result<Option<Tokenizer>, RouterEr
     })
 }
 
-/// Marks the service SERVING once ready, for Kubernetes readiness probes.
-async fn report_health(mut readiness: Readiness, health: HealthReporter) {
-    if readiness.wait_for(Result::is_ok).await.is_ok() {
+/// Marks the service SERVING once ready, for Kubernetes readiness probes,
+/// unless it has started draining by then.
+async fn report_health(
+    mut readiness: Readiness,
+    health: HealthReporter,
+    draining: watch::Receiver<bool>,
+) {
+    if readiness.wait_for(Result::is_ok).await.is_ok() && !*draining.borrow() {
         transport::set_serving::<InferenceServer<InferenceService>>(&health, true).await;
     }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use moe::client::Completion;
 use moe::launcher::{Cluster, ClusterOptions, ExpertTransport, Process};
-use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{
     DescribeRequest, DescribeResponse, GenerateRequest, GenerateResponse, StatsRequest,
@@ -255,7 +254,7 @@ pub async fn describe(uri: &str) -> DescribeResponse {
         let channel = moe_proto::transport::connect(uri)
             .await
             .expect("expert reachable");
-        let mut client = ExpertClient::new(channel);
+        let mut client = moe_proto::transport::expert_client(channel);
         client
             .describe(DescribeRequest {})
             .await

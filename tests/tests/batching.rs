@@ -116,16 +116,16 @@ fn assert_batched(mode: &str, before: &StatsResponse, after: &StatsResponse) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_concurrent_equals_in_process_one_at_a_time() {
     let model = tiny_checkpoint();
-    let local = start(model.path(), ExpertMode::InProcess).await;
+    let in_process = start(model.path(), ExpertMode::InProcess).await;
     // The reference: each request alone, in the in-process mode.
     let mut alone = Vec::new();
     for request in workload() {
-        let completion = generate(&local.router_uri(), request)
+        let completion = generate(&in_process.router_uri(), request)
             .await
             .expect("generation succeeds");
         alone.push(completion);
     }
-    let (local_batched, before, after) = run_concurrently(&local.router_uri()).await;
+    let (in_process_batched, before, after) = run_concurrently(&in_process.router_uri()).await;
     assert_batched("in-process", &before, &after);
 
     let distributed = start(model.path(), ExpertMode::Distributed).await;
@@ -141,7 +141,7 @@ async fn distributed_concurrent_equals_in_process_one_at_a_time() {
         );
         assert_same_completion(
             &format!("request {i}, in-process batched"),
-            &local_batched[i],
+            &in_process_batched[i],
             reference,
             TOLERANCE,
         );

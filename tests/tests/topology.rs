@@ -39,11 +39,11 @@ async fn in_process(
     requests: &[GenerateRequest],
     router_args: &[&str],
 ) -> Vec<Completion> {
-    let local = start_in(model, ExpertMode::InProcess, router_args).await;
+    let in_process = start_in(model, ExpertMode::InProcess, router_args).await;
     let mut completions = Vec::new();
     for request in requests {
         completions.push(
-            generate(&local.router_uri(), request.clone())
+            generate(&in_process.router_uri(), request.clone())
                 .await
                 .expect("in-process generation"),
         );

@@ -48,12 +48,13 @@ impl UpArgs {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let mut cluster = Cluster::start(&args.cluster_options()?).await?;
+    let options = args.cluster_options()?;
+    let mut cluster = Cluster::start(&options).await?;
     println!(
         "moe-serve up: router at {} with {} expert processes, {} (Ctrl-C to stop)",
         cluster.router_uri(),
         cluster.experts.len(),
-        args.cluster_options()?.mode
+        options.mode
     );
     for expert in &cluster.experts {
         println!(

@@ -9,18 +9,20 @@ use crate::RouterError;
 
 /// Runs `chunks` as one batch, or, from `min_tokens` tokens on, as two
 /// micro-batches of about half the tokens each, polled together on this
-/// thread. Returns each chunk's logits, in order.
+/// thread. A decode-only step always runs whole: splitting it would read
+/// every expert's weights twice for rows that cost little else. Returns
+/// each chunk's logits, in order.
 pub(super) async fn run_micro_batches<M: MoeLayer<Error = RouterError>>(
     engine: &Engine,
     chunks: &mut [SequenceChunk<'_>],
-    rows: usize,
+    decode_only: bool,
     min_tokens: usize,
     moe: &M,
 ) -> Result<Vec<Vec<f32>>, RouterError> {
     let logits = |tensor: candle_core::Tensor| -> Result<Vec<Vec<f32>>, RouterError> {
         Ok(tensor.to_vec2::<f32>()?)
     };
-    let split = split_point(chunks, rows, min_tokens);
+    let split = split_point(chunks, decode_only, min_tokens);
     if split == 0 {
         return logits(engine.step(chunks, moe).await?);
     }
@@ -31,11 +33,13 @@ pub(super) async fn run_micro_batches<M: MoeLayer<Error = RouterError>>(
     Ok(all)
 }
 
-/// Where to cut `chunks` into two micro-batches of about `rows / 2` tokens
-/// each, or 0 to run them as one: below `min_tokens` (0 disables), or when
-/// no cut between chunks leaves each side a quarter of the tokens.
-fn split_point(chunks: &[SequenceChunk<'_>], rows: usize, min_tokens: usize) -> usize {
-    if min_tokens == 0 || rows < min_tokens || chunks.len() < 2 {
+/// Where to cut `chunks` into two micro-batches of about half the tokens
+/// each, or 0 to run them as one: a decode-only step, a step below
+/// `min_tokens` (0 disables), or one where no cut between chunks leaves
+/// each side a quarter of the tokens.
+fn split_point(chunks: &[SequenceChunk<'_>], decode_only: bool, min_tokens: usize) -> usize {
+    let rows: usize = chunks.iter().map(|chunk| chunk.tokens.len()).sum();
+    if decode_only || min_tokens == 0 || rows < min_tokens || chunks.len() < 2 {
         return 0;
     }
     let half = rows / 2;
@@ -66,6 +70,10 @@ mod tests {
     use super::*;
 
     fn split_of(lengths: &[usize], min_tokens: usize) -> usize {
+        split_of_step(lengths, false, min_tokens)
+    }
+
+    fn split_of_step(lengths: &[usize], decode_only: bool, min_tokens: usize) -> usize {
         let tokens: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![0; n]).collect();
         let mut caches: Vec<SequenceCache> = lengths
             .iter()
@@ -76,7 +84,7 @@ mod tests {
             .zip(&tokens)
             .map(|(cache, tokens)| SequenceChunk { cache, tokens })
             .collect();
-        split_point(&chunks, lengths.iter().sum(), min_tokens)
+        split_point(&chunks, decode_only, min_tokens)
     }
 
     #[test]
@@ -102,5 +110,11 @@ mod tests {
         );
         // One chunk holds nearly everything: no useful split.
         assert_eq!(split_of(&[1, 1000], 256), 0);
+    }
+
+    #[test]
+    fn decode_only_steps_are_never_split() {
+        assert_eq!(split_of_step(&[1; 300], false, 256), 150);
+        assert_eq!(split_of_step(&[1; 300], true, 256), 0);
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use attention_svc::{Engine, MoeLayer, SequenceChunk};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::RouterError;
 use crate::sampling::Sampler;
@@ -49,8 +49,8 @@ pub struct GenerationRequest {
 pub struct SchedulerConfig {
     /// Tokens (decode tokens plus prompt chunks) in one step at most.
     pub max_batch_tokens: usize,
-    /// Steps of at least this many tokens run as two micro-batches; 0 never
-    /// splits.
+    /// Steps of at least this many tokens that carry prompt tokens run as
+    /// two micro-batches; 0 never splits.
     pub pipeline_min_tokens: usize,
     /// Sequences running at once at most; more wait in the queue.
     pub max_running: usize,
@@ -69,23 +69,51 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// A request waiting for a running slot. It holds one of the queue's
+/// places until it is admitted or dropped, so that a request whose client
+/// left gives its place back as soon as the scheduler sees it, not only
+/// once it reaches the head of the queue.
+struct Queued {
+    request: GenerationRequest,
+    _place: OwnedSemaphorePermit,
+}
+
 /// A cloneable handle to submit requests.
 #[derive(Clone)]
 pub struct SchedulerHandle {
-    queue: mpsc::Sender<GenerationRequest>,
+    queue: mpsc::Sender<Queued>,
+    /// `queue_capacity` places: the bound on waiting requests.
+    places: Arc<Semaphore>,
+    capacity: usize,
 }
 
 impl SchedulerHandle {
+    /// A handle on a queue of `capacity` places, and the queue's receiving
+    /// end for the scheduler.
+    fn new(capacity: usize) -> (Self, mpsc::Receiver<Queued>) {
+        let (queue, receiver) = mpsc::channel(capacity);
+        let handle = Self {
+            queue,
+            places: Arc::new(Semaphore::new(capacity)),
+            capacity,
+        };
+        (handle, receiver)
+    }
+
     /// Queues `request`, or refuses it out loud when the queue is full.
     pub fn submit(&self, request: GenerationRequest) -> Result<(), RouterError> {
-        self.queue.try_send(request).map_err(|err| {
-            RouterError::refused(err, || {
-                format!(
-                    "the queue is full ({} waiting); retry later",
-                    self.queue.max_capacity()
-                )
+        let full = || format!("the queue is full ({} waiting); retry later", self.capacity);
+        let place = self
+            .places
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| RouterError::Overloaded(full()))?;
+        self.queue
+            .try_send(Queued {
+                request,
+                _place: place,
             })
-        })
+            .map_err(|err| RouterError::refused(err, full))
     }
 }
 
@@ -101,16 +129,14 @@ pub fn spawn<M>(
 where
     M: MoeLayer<Error = RouterError> + Send + 'static,
 {
-    // The queue's capacity is the bound on waiting requests: the scheduler
-    // takes a request out of it only when a running slot is free.
-    let (queue, receiver) = mpsc::channel(config.queue_capacity);
+    let (handle, queue) = SchedulerHandle::new(config.queue_capacity);
     std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
             let _pool = join_compute_pool();
-            runtime.block_on(Scheduler::new(engine, config, stats).run(receiver, &moe))
+            runtime.block_on(Scheduler::new(engine, config, stats).run(queue, &moe))
         })?;
-    Ok(SchedulerHandle { queue })
+    Ok(handle)
 }
 
 /// Makes the calling thread worker 0 of a compute pool of
@@ -155,11 +181,11 @@ impl Scheduler {
 
     async fn run<M: MoeLayer<Error = RouterError>>(
         mut self,
-        mut queue: mpsc::Receiver<GenerationRequest>,
+        mut queue: mpsc::Receiver<Queued>,
         moe: &M,
     ) {
         loop {
-            let first = if self.running.is_empty() {
+            let first = if self.running.is_idle() {
                 match queue.recv().await {
                     Some(request) => Some(request),
                     None => return,
@@ -192,7 +218,7 @@ impl Scheduler {
         let result = micro_batch::run_micro_batches(
             &self.engine,
             &mut sequence_chunks,
-            rows,
+            chunks.iter().all(|chunk| chunk.decode),
             self.config.pipeline_min_tokens,
             moe,
         )

@@ -32,6 +32,8 @@ pub struct Chunk {
     /// Index of the sequence among the candidates.
     pub sequence: usize,
     pub tokens: Vec<u32>,
+    /// A decode token rather than prompt tokens.
+    pub decode: bool,
 }
 
 /// Plans a step of at most `budget` tokens over `candidates`, in their
@@ -53,6 +55,7 @@ pub fn plan_step(candidates: &[Candidate<'_>], budget: usize) -> Vec<Chunk> {
             chunks.push(Chunk {
                 sequence,
                 tokens: vec![token],
+                decode: true,
             });
             left -= 1;
         }
@@ -66,6 +69,7 @@ pub fn plan_step(candidates: &[Candidate<'_>], budget: usize) -> Vec<Chunk> {
             chunks.push(Chunk {
                 sequence,
                 tokens: prompt[..take].to_vec(),
+                decode: false,
             });
             left -= take;
         }
@@ -107,15 +111,18 @@ mod tests {
             [
                 Chunk {
                     sequence: 0,
-                    tokens: vec![7]
+                    tokens: vec![7],
+                    decode: true,
                 },
                 Chunk {
                     sequence: 1,
-                    tokens: long.clone()
+                    tokens: long.clone(),
+                    decode: false,
                 },
                 Chunk {
                     sequence: 2,
-                    tokens: vec![9]
+                    tokens: vec![9],
+                    decode: true,
                 },
             ]
         );
@@ -174,7 +181,8 @@ mod tests {
             chunks,
             [Chunk {
                 sequence: 1,
-                tokens: vec![4]
+                tokens: vec![4],
+                decode: true,
             }]
         );
         assert!(plan_step(&[waiting], 8).is_empty());

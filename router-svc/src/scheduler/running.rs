@@ -3,12 +3,14 @@
 //! what a step's logits do to each. Tested as plain values, as
 //! text-generation-inference tests its queue state.
 
+use std::collections::VecDeque;
+
 use attention_svc::SequenceCache;
 use tokio::sync::mpsc;
 
 use super::finish::{AfterToken, Finish, Limits};
 use super::plan::{Candidate, Chunk, Pending, plan_step};
-use super::{GenerationRequest, SequenceEvent};
+use super::{GenerationRequest, Queued, SequenceEvent};
 
 /// One admitted request and its KV cache.
 pub(super) struct Sequence {
@@ -106,9 +108,12 @@ impl Sequence {
     }
 }
 
-/// The sequences running now, in admission order.
+/// The sequences running now, in admission order, and the requests taken
+/// off the queue that wait for a running slot.
 pub(super) struct Running {
     sequences: Vec<Sequence>,
+    /// Still holding their queue places: bounded by the queue's capacity.
+    waiting: VecDeque<Queued>,
     max_running: usize,
     model: ModelLimits,
 }
@@ -117,11 +122,19 @@ impl Running {
     pub(super) fn new(max_running: usize, model: ModelLimits) -> Self {
         Self {
             sequences: Vec::new(),
+            waiting: VecDeque::new(),
             max_running,
             model,
         }
     }
 
+    /// Nothing running and nothing waiting: the scheduler may sleep until
+    /// the next request.
+    pub(super) fn is_idle(&self) -> bool {
+        self.sequences.is_empty() && self.waiting.is_empty()
+    }
+
+    #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
         self.sequences.is_empty()
     }
@@ -131,25 +144,30 @@ impl Running {
         self.sequences.len()
     }
 
-    /// Drops cancelled sequences, then admits queued requests while there
-    /// is room, starting with `first` when given. Requests beyond the room
-    /// stay in `queue`, whose capacity is what bounds the waiting ones;
-    /// cancelled ones are dropped as they come out of it.
+    /// Takes every request off `queue` (after `first`, when given), drops
+    /// the cancelled ones (running or waiting; a waiting one gives its
+    /// queue place back), then admits waiting requests in arrival order
+    /// while there is room. An admitted request leaves the queue and gives
+    /// its place back.
     pub(super) fn admit(
         &mut self,
-        first: Option<GenerationRequest>,
-        queue: &mut mpsc::Receiver<GenerationRequest>,
+        first: Option<Queued>,
+        queue: &mut mpsc::Receiver<Queued>,
         mut new_cache: impl FnMut() -> SequenceCache,
     ) {
+        self.waiting.extend(first);
+        while let Ok(queued) = queue.try_recv() {
+            self.waiting.push_back(queued);
+        }
+        self.waiting
+            .retain(|queued| !queued.request.events.is_closed());
         self.sequences.retain(|sequence| !sequence.is_cancelled());
-        let mut first = first;
         while self.sequences.len() < self.max_running {
-            let Some(request) = first.take().or_else(|| queue.try_recv().ok()) else {
+            let Some(queued) = self.waiting.pop_front() else {
                 break;
             };
-            if !request.events.is_closed() {
-                self.sequences.push(Sequence::new(request, new_cache()));
-            }
+            self.sequences
+                .push(Sequence::new(queued.request, new_cache()));
         }
     }
 
@@ -203,10 +221,10 @@ impl Running {
 
 #[cfg(test)]
 mod tests {
-    use tokio::sync::mpsc::error::TryRecvError;
-
     use super::*;
+    use crate::RouterError;
     use crate::sampling::{Sampler, SamplingParams};
+    use crate::scheduler::SchedulerHandle;
 
     const VOCAB: usize = 8;
     const EOS: u32 = 7;
@@ -240,6 +258,13 @@ mod tests {
 
     fn cache() -> SequenceCache {
         SequenceCache::new(1, 1, 1)
+    }
+
+    /// Submits `request` through a queue of its own and admits it.
+    fn admit_one(running: &mut Running, request: GenerationRequest) {
+        let (handle, mut queue) = SchedulerHandle::new(1);
+        handle.submit(request).unwrap();
+        running.admit(None, &mut queue, cache);
     }
 
     /// Logits whose greedy choice is `token`.
@@ -281,8 +306,7 @@ mod tests {
     fn length_finish_after_max_tokens_with_the_prompt_chunked() {
         let mut running = Running::new(4, model());
         let (request, mut receiver) = request((0..10).collect(), 3);
-        let (_, mut queue) = mpsc::channel(1);
-        running.admit(Some(request), &mut queue, cache);
+        admit_one(&mut running, request);
         // 10 prompt tokens in chunks of 4, then two decode steps.
         assert_eq!(
             run(&mut running, 4, 3),
@@ -299,8 +323,7 @@ mod tests {
     fn eos_finish_sends_no_eos_token() {
         let mut running = Running::new(4, model());
         let (request, mut receiver) = request(vec![1, 2], 10);
-        let (_, mut queue) = mpsc::channel(1);
-        running.admit(Some(request), &mut queue, cache);
+        admit_one(&mut running, request);
         run(&mut running, 8, EOS);
         assert_eq!(events(&mut receiver), ["Eos"]);
     }
@@ -310,8 +333,7 @@ mod tests {
         let mut running = Running::new(4, model());
         let (mut request, mut receiver) = request(vec![1, 2], 2);
         request.stop_at_eos = false;
-        let (_, mut queue) = mpsc::channel(1);
-        running.admit(Some(request), &mut queue, cache);
+        admit_one(&mut running, request);
         run(&mut running, 8, EOS);
         assert_eq!(events(&mut receiver), ["token 7", "token 7", "Length"]);
     }
@@ -321,8 +343,7 @@ mod tests {
         let mut running = Running::new(4, model());
         // 30 prompt tokens in a context of 32: room for two.
         let (request, mut receiver) = request((0..30).map(|i| i % 5).collect(), 100);
-        let (_, mut queue) = mpsc::channel(1);
-        running.admit(Some(request), &mut queue, cache);
+        admit_one(&mut running, request);
         run(&mut running, 64, 3);
         assert_eq!(events(&mut receiver), ["token 3", "token 3", "Length"]);
     }
@@ -330,16 +351,17 @@ mod tests {
     #[test]
     fn a_cancelled_sequence_leaves_and_a_cancelled_request_never_runs() {
         let mut running = Running::new(4, model());
-        let (submit, mut queue) = mpsc::channel(4);
+        let (handle, mut queue) = SchedulerHandle::new(4);
         let (leaving, leaving_events) = request(vec![1], 50);
         let (never, never_events) = request(vec![1], 50);
         let (staying, mut staying_events) = request(vec![1], 2);
-        running.admit(Some(leaving), &mut queue, cache);
+        handle.submit(leaving).unwrap();
+        running.admit(None, &mut queue, cache);
         run_one_step(&mut running);
         drop(leaving_events);
         drop(never_events);
-        submit.try_send(never).unwrap();
-        submit.try_send(staying).unwrap();
+        handle.submit(never).unwrap();
+        handle.submit(staying).unwrap();
         running.admit(None, &mut queue, cache);
         assert_eq!(running.len(), 1, "only the request whose client is there");
         run(&mut running, 8, 3);
@@ -357,36 +379,64 @@ mod tests {
     }
 
     #[test]
-    fn admission_stops_at_max_running_and_leaves_the_rest_queued() {
+    fn admission_stops_at_max_running_and_the_rest_keep_their_places() {
         let mut running = Running::new(2, model());
-        let (submit, mut queue) = mpsc::channel(8);
+        let (handle, mut queue) = SchedulerHandle::new(3);
         let mut clients = Vec::new();
-        for _ in 0..5 {
-            let (queued, events) = request(vec![1], 1);
-            submit.try_send(queued).unwrap();
+        let mut submit = || {
+            let (request, events) = request(vec![1], 1);
             clients.push(events);
+            handle.submit(request)
+        };
+        for _ in 0..3 {
+            submit().unwrap();
         }
+        assert!(
+            matches!(submit(), Err(RouterError::Overloaded(ref m)) if m.contains("(3 waiting)")),
+            "a fourth request finds the queue full"
+        );
         running.admit(None, &mut queue, cache);
         assert_eq!(running.len(), 2);
-        // The three others are still in the bounded queue, not in an
-        // unbounded list of the scheduler's.
-        assert_eq!(queue.len(), 3);
+        // Two were admitted and gave their places back; one still waits.
+        submit().unwrap();
+        submit().unwrap();
+        assert!(submit().is_err(), "three waiting again: full");
         run_one_step(&mut running);
         assert!(running.is_empty(), "both finished after one token");
         running.admit(None, &mut queue, cache);
-        assert_eq!((running.len(), queue.len()), (2, 1));
-        assert!(queue.try_recv().is_ok());
-        assert!(matches!(queue.try_recv(), Err(TryRecvError::Empty)));
+        assert_eq!(running.len(), 2);
+        submit().unwrap();
+        submit().unwrap();
+        assert!(submit().is_err(), "one waiting and two more: full");
+    }
+
+    #[test]
+    fn a_request_whose_client_left_gives_its_queue_place_back() {
+        let mut running = Running::new(1, model());
+        let (handle, mut queue) = SchedulerHandle::new(1);
+        let (first, _first_events) = request(vec![1], 50);
+        handle.submit(first).unwrap();
+        running.admit(None, &mut queue, cache);
+        let (waiting, waiting_events) = request(vec![1], 50);
+        handle.submit(waiting).unwrap();
+        let (late, _late_events) = request(vec![1], 50);
+        assert!(handle.submit(late).is_err(), "the one place is taken");
+        drop(waiting_events);
+        running.admit(None, &mut queue, cache);
+        let (late, _late_events) = request(vec![1], 50);
+        handle
+            .submit(late)
+            .expect("the cancelled request's place is free");
+        assert_eq!(running.len(), 1, "the first still runs");
     }
 
     #[test]
     fn a_failed_step_ends_only_its_planned_sequences() {
         let mut running = Running::new(4, model());
-        let (_, mut queue) = mpsc::channel(1);
         let (behind, mut behind_events) = request(vec![1], 5);
         let (planned, mut planned_events) = request(vec![1], 5);
-        running.admit(Some(behind), &mut queue, cache);
-        running.admit(Some(planned), &mut queue, cache);
+        admit_one(&mut running, behind);
+        admit_one(&mut running, planned);
         let chunks = running.plan(8);
         let only_second = [chunks[1].clone()];
         running.fail(&only_second, || crate::RouterError::Internal("boom".into()));
