@@ -14,6 +14,7 @@ mod error;
 pub mod gate;
 mod readiness;
 mod relay;
+pub mod replicas;
 mod request;
 pub mod sampling;
 pub mod scheduler;

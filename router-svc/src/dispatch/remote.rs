@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use moe_proto::v1::expert_client::ExpertClient;
@@ -20,6 +19,7 @@ use tonic::transport::Channel;
 
 use super::ExpertBackend;
 use crate::RouterError;
+use crate::replicas::{LoadTracker, picker};
 use crate::stats::RouterStats;
 
 /// How every endpoint actor talks to its expert.
@@ -52,6 +52,8 @@ pub struct EndpointClient {
     channel: Channel,
     calls: mpsc::Sender<Call>,
     settings: Arc<DispatchSettings>,
+    /// What this router has in flight to the endpoint, and its latency.
+    load: Arc<LoadTracker>,
 }
 
 impl EndpointClient {
@@ -72,6 +74,7 @@ impl EndpointClient {
             channel,
             calls,
             settings: Arc::new(settings),
+            load: Arc::default(),
         })
     }
 
@@ -106,6 +109,7 @@ impl EndpointClient {
         let width = self.settings.hidden_size;
         let expected_rows = rows.len() / width;
         let hidden = tensor_codec::encode_rows(rows, width, self.settings.wire_dtype);
+        let in_flight = self.load.start(expected_rows as u64);
         let (reply, result) = oneshot::channel();
         self.calls
             .try_send(Call {
@@ -138,6 +142,7 @@ impl EndpointClient {
                 self.label
             )));
         }
+        in_flight.succeeded();
         Ok(output)
     }
 }
@@ -255,17 +260,15 @@ fn outcome(label: &str, result: Option<Outcome>) -> Result<moe_proto::v1::Tensor
 pub struct DistributedExperts {
     /// Per expert: the endpoints and the layers each serves.
     endpoints: Vec<Vec<(Range<usize>, EndpointClient)>>,
-    next: AtomicUsize,
 }
 
 impl DistributedExperts {
     pub fn new(endpoints: Vec<Vec<(Range<usize>, EndpointClient)>>) -> Self {
-        Self {
-            endpoints,
-            next: AtomicUsize::new(0),
-        }
+        Self { endpoints }
     }
 
+    /// The endpoint that takes a message for (`expert`, `layer`): the only
+    /// one, or of several, the one the picker chooses by load.
     fn pick(&self, expert: usize, layer: usize) -> Option<&EndpointClient> {
         let candidates: Vec<&EndpointClient> = self
             .endpoints
@@ -274,10 +277,11 @@ impl DistributedExperts {
             .filter(|(layers, _)| layers.contains(&layer))
             .map(|(_, client)| client)
             .collect();
-        if candidates.is_empty() {
-            return None;
+        if candidates.len() <= 1 {
+            return candidates.first().copied();
         }
-        Some(candidates[self.next.fetch_add(1, Ordering::Relaxed) % candidates.len()])
+        let loads: Vec<_> = candidates.iter().map(|client| client.load.load()).collect();
+        picker::pick(&loads, &mut rand::rng()).map(|index| candidates[index])
     }
 }
 
