@@ -21,6 +21,9 @@ pub enum RouterError {
     ExpertUnavailable(String),
     #[error("{0}")]
     ExpertTimeout(String),
+    /// The client's own deadline (`grpc-timeout`) passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]
@@ -60,7 +63,7 @@ impl RouterError {
                 Code::Unavailable
             }
             Self::Overloaded(_) => Code::ResourceExhausted,
-            Self::ExpertTimeout(_) => Code::DeadlineExceeded,
+            Self::ExpertTimeout(_) | Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Internal(_)
             | Self::Model(_)
             | Self::Attention(_)
@@ -81,6 +84,7 @@ impl RouterError {
             Self::Overloaded(m) => Self::Overloaded(m.clone()),
             Self::ExpertUnavailable(m) => Self::ExpertUnavailable(m.clone()),
             Self::ExpertTimeout(m) => Self::ExpertTimeout(m.clone()),
+            Self::DeadlineExceeded(m) => Self::DeadlineExceeded(m.clone()),
             other => Self::Internal(other.to_string()),
         }
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use moe_proto::v1::{FinishReason, GenerateResponse, Usage};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tonic::Status;
 
 use crate::RouterError;
@@ -17,24 +18,41 @@ use crate::request::ValidRequest;
 use crate::scheduler::{Finish, SequenceEvent};
 use crate::service::ServedModel;
 
-/// Relays `events` to `responses` until the sequence ends, fails, or the
-/// client goes away.
+/// Relays `events` to `responses` until the sequence ends, fails, the
+/// client goes away, or the client's `deadline` passes.
 pub async fn relay(
     request: ValidRequest,
     mut events: mpsc::Receiver<SequenceEvent>,
     responses: mpsc::Sender<Result<GenerateResponse, Status>>,
     model: Arc<ServedModel>,
+    deadline: Option<Instant>,
 ) {
     let mut builder = ResponseBuilder::new(&request, model.tokenizer.as_ref());
+    let deadline_passes = async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline_passes);
     loop {
         let event = tokio::select! {
             _ = responses.closed() => return,
+            () = &mut deadline_passes => Some(SequenceEvent::Failed(
+                RouterError::DeadlineExceeded(format!(
+                    "the request's deadline passed after {} generated tokens",
+                    builder.completion_tokens
+                )),
+            )),
             event = events.recv() => event,
         };
         let response = match event {
             Some(SequenceEvent::Token { id, logprob }) => builder.token(id, logprob),
             Some(SequenceEvent::Finished(finish)) => builder.finished(finish),
             Some(SequenceEvent::Failed(err)) => {
+                // The sequence is over: cancel it before waiting for the
+                // client to take the error.
+                drop(events);
                 let _ = responses.send(Err(err.into())).await;
                 return;
             }

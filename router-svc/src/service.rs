@@ -2,6 +2,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::Stream;
 use moe_model::ModelConfig;
@@ -13,6 +16,7 @@ use moe_proto::v1::{
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::RouterError;
@@ -95,9 +99,16 @@ impl inference_server::Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let deadline = client_deadline(request.metadata())?;
         let (valid, events) = self.admit(request.into_inner())?;
         let (responses, stream) = mpsc::channel(RESPONSES_CAPACITY);
-        tokio::spawn(relay(valid, events, responses, self.model.clone()));
+        tokio::spawn(relay(
+            valid,
+            events,
+            responses,
+            self.model.clone(),
+            deadline,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
     }
 
@@ -125,5 +136,58 @@ impl inference_server::Inference for InferenceService {
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         Ok(Response::new(self.stats.snapshot()))
+    }
+}
+
+/// When the client's deadline passes, from its `grpc-timeout` header (the
+/// gRPC wire format: at most 8 digits and a unit, H M S m u n). tonic
+/// enforces it only until the response starts, and a Generate stream
+/// outlives that, so the relay enforces it to the end.
+fn client_deadline(metadata: &MetadataMap) -> Result<Option<Instant>, RouterError> {
+    let Some(value) = metadata.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let timeout = value
+        .to_str()
+        .ok()
+        .and_then(parse_grpc_timeout)
+        .ok_or_else(|| RouterError::invalid(format!("grpc-timeout {value:?} is malformed")))?;
+    Ok(Some(Instant::now() + timeout))
+}
+
+fn parse_grpc_timeout(text: &str) -> Option<Duration> {
+    let split = text.len().checked_sub(1)?;
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value * 3600),
+        "M" => Duration::from_secs(value * 60),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_wire_format_says() {
+        assert_eq!(parse_grpc_timeout("200m"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "m", "123456789m", "10x", "-5S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

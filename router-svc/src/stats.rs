@@ -12,6 +12,7 @@ use moe_proto::v1::StatsResponse;
 pub struct RouterStats {
     steps: AtomicU64,
     step_sequences: AtomicU64,
+    running_sequences: AtomicU64,
     step_tokens: AtomicU64,
     moe_dispatches: AtomicU64,
     experts_hit: AtomicU64,
@@ -31,6 +32,7 @@ impl RouterStats {
         Self {
             steps: AtomicU64::new(0),
             step_sequences: AtomicU64::new(0),
+            running_sequences: AtomicU64::new(0),
             step_tokens: AtomicU64::new(0),
             moe_dispatches: AtomicU64::new(0),
             experts_hit: AtomicU64::new(0),
@@ -48,6 +50,12 @@ impl RouterStats {
         self.step_sequences
             .fetch_add(sequences as u64, Ordering::Relaxed);
         self.step_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+    }
+
+    /// `sequences` are running now.
+    pub fn set_running(&self, sequences: usize) {
+        self.running_sequences
+            .store(sequences as u64, Ordering::Relaxed);
     }
 
     /// One layer of one micro-batch dispatched: `rows[e]` rows to expert `e`
@@ -80,6 +88,7 @@ impl RouterStats {
         StatsResponse {
             steps: load(&self.steps),
             step_sequences: load(&self.step_sequences),
+            running_sequences: load(&self.running_sequences),
             step_tokens: load(&self.step_tokens),
             moe_dispatches: load(&self.moe_dispatches),
             experts_hit: load(&self.experts_hit),

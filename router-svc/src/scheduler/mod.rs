@@ -195,6 +195,7 @@ impl Scheduler {
             };
             let engine = &self.engine;
             self.running.admit(first, &mut queue, || engine.new_cache());
+            self.stats.set_running(self.running.len());
             let chunks = self.running.plan(self.config.max_batch_tokens);
             if chunks.is_empty() {
                 // Every running sequence waits for its client to read.
@@ -203,6 +204,7 @@ impl Scheduler {
             }
             self.step(&chunks, moe).await;
             self.running.remove_finished();
+            self.stats.set_running(self.running.len());
         }
     }
 

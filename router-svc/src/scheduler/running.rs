@@ -139,7 +139,6 @@ impl Running {
         self.sequences.is_empty()
     }
 
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.sequences.len()
     }
