@@ -60,6 +60,11 @@ pub struct Args {
     /// RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "MOE_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
+    /// KV cache bytes the running sequences may reserve: each reserves
+    /// what its prompt and max_tokens can fill; beyond it requests wait in
+    /// the queue. Unset: --max-running is the only bound.
+    #[arg(long, env = "MOE_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<u64>,
     /// Seconds an expert may take to return one message's result.
     #[arg(long, env = "MOE_EXPERT_TIMEOUT_SECS", default_value_t = 30)]
     pub expert_timeout_secs: u64,
@@ -148,6 +153,7 @@ impl TryFrom<Args> for Config {
                 pipeline_min_tokens: args.pipeline_min_tokens,
                 max_running: args.max_running,
                 queue_capacity: args.queue_capacity,
+                kv_cache_bytes: args.kv_cache_bytes,
             },
             expert_timeout: Duration::from_secs(args.expert_timeout_secs),
             wire_dtype: args.wire_dtype,

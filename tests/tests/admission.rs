@@ -80,3 +80,74 @@ async fn a_full_queue_refuses_at_once_and_the_admitted_requests_complete() {
         .expect("room again");
     assert_eq!(after.token_ids.len(), 5);
 }
+
+/// `--kv-cache-bytes`: a request waits while the running ones hold the KV
+/// cache it would need (so no step ever batches the two), and one that
+/// could never fit is refused, naming the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_cache_budget_holds_requests_back_and_refuses_what_cannot_fit() {
+    // More than a stalling client lets through: the first request is still
+    // running when the second arrives.
+    const TOKENS: usize = 300;
+    let model = tiny_checkpoint();
+    let info = {
+        let probe = start_in(model.path(), ExpertMode::InProcess, &[]).await;
+        let mut client = moe_e2e::client::connect(&probe.router_uri()).await.unwrap();
+        client
+            .model_info(moe_proto::v1::ModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let bytes_per_token =
+        u64::from(info.num_layers * info.num_key_value_heads * info.head_dim) * 2 * 4;
+    // Room for one request of 3 + TOKENS positions, not two.
+    let budget = bytes_per_token * (3 + TOKENS as u64) * 3 / 2;
+    let cluster = start_in(
+        model.path(),
+        ExpertMode::InProcess,
+        &[&format!("--kv-cache-bytes={budget}")],
+    )
+    .await;
+    let uri = cluster.router_uri();
+
+    let mut stalled = stalling_client(&uri).await;
+    let mut first = within(
+        "the first request",
+        stalled.generate(greedy(&[4, 5, 6], TOKENS as u32)),
+    )
+    .await
+    .expect("admitted")
+    .into_inner();
+    within("its first token", first.message())
+        .await
+        .expect("it runs")
+        .expect("a first token");
+    let second = tokio::spawn({
+        let uri = uri.clone();
+        async move { generate(&uri, greedy(&[7, 8, 9], TOKENS as u32)).await }
+    });
+
+    let too_large = generate(&uri, greedy(&[1, 2, 3], 600))
+        .await
+        .expect_err("more KV cache than the whole budget");
+    assert_eq!(too_large.code(), Code::InvalidArgument, "{too_large:?}");
+    assert!(
+        too_large.message().contains("bytes of KV cache")
+            && too_large.message().contains(&budget.to_string()),
+        "{too_large:?}"
+    );
+
+    let rest = collect(first).await.expect("the first request completes");
+    assert_eq!(1 + rest.token_ids.len(), TOKENS);
+    let second = within("the second request", second)
+        .await
+        .unwrap()
+        .expect("the second request runs once the first is done");
+    assert_eq!(second.token_ids.len(), TOKENS);
+    let stats = moe_e2e::stats(&uri).await;
+    assert_eq!(
+        stats.step_sequences, stats.steps,
+        "a step batched both requests: the second did not wait for KV cache"
+    );
+}

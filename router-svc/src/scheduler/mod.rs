@@ -24,6 +24,7 @@ use crate::sampling::Sampler;
 use crate::stats::RouterStats;
 
 pub use finish::Finish;
+pub use running::KvBudget;
 use running::{ModelLimits, Running};
 
 /// What the scheduler tells a request's stream.
@@ -56,6 +57,9 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Requests waiting for a running slot at most; more are refused.
     pub queue_capacity: usize,
+    /// KV cache the running sequences may reserve, in bytes; `None` leaves
+    /// `max_running` the only bound.
+    pub kv_cache_bytes: Option<u64>,
 }
 
 impl Default for SchedulerConfig {
@@ -65,6 +69,7 @@ impl Default for SchedulerConfig {
             pipeline_min_tokens: 256,
             max_running: 128,
             queue_capacity: 1024,
+            kv_cache_bytes: None,
         }
     }
 }
@@ -85,23 +90,29 @@ pub struct SchedulerHandle {
     /// `queue_capacity` places: the bound on waiting requests.
     places: Arc<Semaphore>,
     capacity: usize,
+    budget: KvBudget,
 }
 
 impl SchedulerHandle {
     /// A handle on a queue of `capacity` places, and the queue's receiving
     /// end for the scheduler.
-    fn new(capacity: usize) -> (Self, mpsc::Receiver<Queued>) {
+    fn new(capacity: usize, budget: KvBudget) -> (Self, mpsc::Receiver<Queued>) {
         let (queue, receiver) = mpsc::channel(capacity);
         let handle = Self {
             queue,
             places: Arc::new(Semaphore::new(capacity)),
             capacity,
+            budget,
         };
         (handle, receiver)
     }
 
-    /// Queues `request`, or refuses it out loud when the queue is full.
+    /// Queues `request`, or refuses it out loud: when the queue is full, or
+    /// when the request alone needs more KV cache than the budget.
     pub fn submit(&self, request: GenerationRequest) -> Result<(), RouterError> {
+        if let Some(why) = self.budget.refuses(&request) {
+            return Err(RouterError::InvalidArgument(why));
+        }
         let full = || format!("the queue is full ({} waiting); retry later", self.capacity);
         let place = self
             .places
@@ -129,12 +140,21 @@ pub fn spawn<M>(
 where
     M: MoeLayer<Error = RouterError> + Send + 'static,
 {
-    let (handle, queue) = SchedulerHandle::new(config.queue_capacity);
+    let model = engine.config();
+    let budget = KvBudget {
+        bytes_per_token: (model.num_hidden_layers
+            * model.num_key_value_heads
+            * model.head_dim
+            * 2
+            * std::mem::size_of::<f32>()) as u64,
+        limit: config.kv_cache_bytes,
+    };
+    let (handle, queue) = SchedulerHandle::new(config.queue_capacity, budget);
     std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || {
             let _pool = join_compute_pool();
-            runtime.block_on(Scheduler::new(engine, config, stats).run(queue, &moe))
+            runtime.block_on(Scheduler::new(engine, config, budget, stats).run(queue, &moe))
         })?;
     Ok(handle)
 }
@@ -165,14 +185,19 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(engine: Arc<Engine>, config: SchedulerConfig, stats: Arc<RouterStats>) -> Self {
+    fn new(
+        engine: Arc<Engine>,
+        config: SchedulerConfig,
+        budget: KvBudget,
+        stats: Arc<RouterStats>,
+    ) -> Self {
         let model = engine.config();
         let limits = ModelLimits {
             context: model.max_position_embeddings,
             eos_tokens: model.eos_token_ids.clone(),
         };
         Self {
-            running: Running::new(config.max_running, limits),
+            running: Running::new(config.max_running, limits, budget),
             engine,
             config,
             stats,

@@ -12,10 +12,55 @@ use super::finish::{AfterToken, Finish, Limits};
 use super::plan::{Candidate, Chunk, Pending, plan_step};
 use super::{GenerationRequest, Queued, SequenceEvent};
 
+/// How much KV cache the running sequences may hold, as a bound on
+/// admission: each sequence reserves what its prompt and `max_tokens` can
+/// fill, so that a running sequence never runs out.
+#[derive(Debug, Clone, Copy)]
+pub struct KvBudget {
+    /// Keys and values of one position over every layer.
+    pub bytes_per_token: u64,
+    /// `None`: no bound but `--max-running`.
+    pub limit: Option<u64>,
+}
+
+impl KvBudget {
+    #[cfg(test)]
+    pub(super) fn unbounded() -> Self {
+        Self {
+            bytes_per_token: 1,
+            limit: None,
+        }
+    }
+
+    /// What `request` reserves.
+    pub fn need(&self, request: &GenerationRequest) -> u64 {
+        (request.prompt.len() + request.max_tokens) as u64 * self.bytes_per_token
+    }
+
+    fn fits(&self, reserved: u64) -> bool {
+        self.limit.is_none_or(|limit| reserved <= limit)
+    }
+
+    /// Why `request` can never run under this budget, if it cannot.
+    pub fn refuses(&self, request: &GenerationRequest) -> Option<String> {
+        let need = self.need(request);
+        let limit = self.limit?;
+        (need > limit).then(|| {
+            format!(
+                "prompt ({} tokens) plus max_tokens ({}) needs {need} bytes of KV cache, more than the router's --kv-cache-bytes ({limit})",
+                request.prompt.len(),
+                request.max_tokens
+            )
+        })
+    }
+}
+
 /// One admitted request and its KV cache.
 pub(super) struct Sequence {
     pub(super) request: GenerationRequest,
     pub(super) cache: SequenceCache,
+    /// Bytes of the KV budget it holds.
+    reserved: u64,
     /// Prompt tokens already in the cache.
     prefilled: usize,
     generated: usize,
@@ -32,10 +77,11 @@ pub(super) struct ModelLimits {
 }
 
 impl Sequence {
-    fn new(request: GenerationRequest, cache: SequenceCache) -> Self {
+    fn new(request: GenerationRequest, cache: SequenceCache, reserved: u64) -> Self {
         Self {
             request,
             cache,
+            reserved,
             prefilled: 0,
             generated: 0,
             last_token: None,
@@ -116,16 +162,33 @@ pub(super) struct Running {
     waiting: VecDeque<Queued>,
     max_running: usize,
     model: ModelLimits,
+    budget: KvBudget,
+    /// KV cache bytes the running sequences hold.
+    reserved: u64,
 }
 
 impl Running {
-    pub(super) fn new(max_running: usize, model: ModelLimits) -> Self {
+    pub(super) fn new(max_running: usize, model: ModelLimits, budget: KvBudget) -> Self {
         Self {
             sequences: Vec::new(),
             waiting: VecDeque::new(),
             max_running,
             model,
+            budget,
+            reserved: 0,
         }
+    }
+
+    /// Keeps the sequences `keep` says, giving back what the others held.
+    fn retain(&mut self, keep: impl Fn(&Sequence) -> bool) {
+        let reserved = &mut self.reserved;
+        self.sequences.retain(|sequence| {
+            let kept = keep(sequence);
+            if !kept {
+                *reserved -= sequence.reserved;
+            }
+            kept
+        });
     }
 
     /// Nothing running and nothing waiting: the scheduler may sleep until
@@ -146,8 +209,9 @@ impl Running {
     /// Takes every request off `queue` (after `first`, when given), drops
     /// the cancelled ones (running or waiting; a waiting one gives its
     /// queue place back), then admits waiting requests in arrival order
-    /// while there is room. An admitted request leaves the queue and gives
-    /// its place back.
+    /// while there is room: a running slot, and KV cache for the next in
+    /// line (which waits rather than be overtaken). An admitted request
+    /// leaves the queue and gives its place back.
     pub(super) fn admit(
         &mut self,
         first: Option<Queued>,
@@ -160,13 +224,21 @@ impl Running {
         }
         self.waiting
             .retain(|queued| !queued.request.events.is_closed());
-        self.sequences.retain(|sequence| !sequence.is_cancelled());
+        self.retain(|sequence| !sequence.is_cancelled());
         while self.sequences.len() < self.max_running {
+            let Some(next) = self.waiting.front() else {
+                break;
+            };
+            let need = self.budget.need(&next.request);
+            if !self.budget.fits(self.reserved + need) {
+                break;
+            }
             let Some(queued) = self.waiting.pop_front() else {
                 break;
             };
+            self.reserved += need;
             self.sequences
-                .push(Sequence::new(queued.request, new_cache()));
+                .push(Sequence::new(queued.request, new_cache(), need));
         }
     }
 
@@ -214,7 +286,7 @@ impl Running {
 
     /// Drops the sequences that finished; dropping one frees its KV cache.
     pub(super) fn remove_finished(&mut self) {
-        self.sequences.retain(|sequence| !sequence.done);
+        self.retain(|sequence| !sequence.done);
     }
 }
 
@@ -261,7 +333,7 @@ mod tests {
 
     /// Submits `request` through a queue of its own and admits it.
     fn admit_one(running: &mut Running, request: GenerationRequest) {
-        let (handle, mut queue) = SchedulerHandle::new(1);
+        let (handle, mut queue) = SchedulerHandle::new(1, KvBudget::unbounded());
         handle.submit(request).unwrap();
         running.admit(None, &mut queue, cache);
     }
@@ -303,7 +375,7 @@ mod tests {
 
     #[test]
     fn length_finish_after_max_tokens_with_the_prompt_chunked() {
-        let mut running = Running::new(4, model());
+        let mut running = Running::new(4, model(), KvBudget::unbounded());
         let (request, mut receiver) = request((0..10).collect(), 3);
         admit_one(&mut running, request);
         // 10 prompt tokens in chunks of 4, then two decode steps.
@@ -320,7 +392,7 @@ mod tests {
 
     #[test]
     fn eos_finish_sends_no_eos_token() {
-        let mut running = Running::new(4, model());
+        let mut running = Running::new(4, model(), KvBudget::unbounded());
         let (request, mut receiver) = request(vec![1, 2], 10);
         admit_one(&mut running, request);
         run(&mut running, 8, EOS);
@@ -329,7 +401,7 @@ mod tests {
 
     #[test]
     fn ignore_eos_runs_to_length() {
-        let mut running = Running::new(4, model());
+        let mut running = Running::new(4, model(), KvBudget::unbounded());
         let (mut request, mut receiver) = request(vec![1, 2], 2);
         request.stop_at_eos = false;
         admit_one(&mut running, request);
@@ -339,7 +411,7 @@ mod tests {
 
     #[test]
     fn full_context_finishes_with_length() {
-        let mut running = Running::new(4, model());
+        let mut running = Running::new(4, model(), KvBudget::unbounded());
         // 30 prompt tokens in a context of 32: room for two.
         let (request, mut receiver) = request((0..30).map(|i| i % 5).collect(), 100);
         admit_one(&mut running, request);
@@ -349,8 +421,8 @@ mod tests {
 
     #[test]
     fn a_cancelled_sequence_leaves_and_a_cancelled_request_never_runs() {
-        let mut running = Running::new(4, model());
-        let (handle, mut queue) = SchedulerHandle::new(4);
+        let mut running = Running::new(4, model(), KvBudget::unbounded());
+        let (handle, mut queue) = SchedulerHandle::new(4, KvBudget::unbounded());
         let (leaving, leaving_events) = request(vec![1], 50);
         let (never, never_events) = request(vec![1], 50);
         let (staying, mut staying_events) = request(vec![1], 2);
@@ -379,8 +451,8 @@ mod tests {
 
     #[test]
     fn admission_stops_at_max_running_and_the_rest_keep_their_places() {
-        let mut running = Running::new(2, model());
-        let (handle, mut queue) = SchedulerHandle::new(3);
+        let mut running = Running::new(2, model(), KvBudget::unbounded());
+        let (handle, mut queue) = SchedulerHandle::new(3, KvBudget::unbounded());
         let mut clients = Vec::new();
         let mut submit = || {
             let (request, events) = request(vec![1], 1);
@@ -411,8 +483,8 @@ mod tests {
 
     #[test]
     fn a_request_whose_client_left_gives_its_queue_place_back() {
-        let mut running = Running::new(1, model());
-        let (handle, mut queue) = SchedulerHandle::new(1);
+        let mut running = Running::new(1, model(), KvBudget::unbounded());
+        let (handle, mut queue) = SchedulerHandle::new(1, KvBudget::unbounded());
         let (first, _first_events) = request(vec![1], 50);
         handle.submit(first).unwrap();
         running.admit(None, &mut queue, cache);
@@ -431,7 +503,7 @@ mod tests {
 
     #[test]
     fn a_failed_step_ends_only_its_planned_sequences() {
-        let mut running = Running::new(4, model());
+        let mut running = Running::new(4, model(), KvBudget::unbounded());
         let (behind, mut behind_events) = request(vec![1], 5);
         let (planned, mut planned_events) = request(vec![1], 5);
         admit_one(&mut running, behind);
@@ -446,5 +518,37 @@ mod tests {
             ["failed: internal error: boom"]
         );
         assert!(events(&mut behind_events).is_empty());
+    }
+
+    #[test]
+    fn the_kv_budget_bounds_admission_and_is_given_back() {
+        // Each request below reserves (2 + 8) × 10 = 100 bytes.
+        let budget = KvBudget {
+            bytes_per_token: 10,
+            limit: Some(250),
+        };
+        let mut running = Running::new(8, model(), budget);
+        let (handle, mut queue) = SchedulerHandle::new(8, budget);
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let (request, events) = request(vec![1, 2], 8);
+            handle.submit(request).unwrap();
+            clients.push(events);
+        }
+        running.admit(None, &mut queue, cache);
+        assert_eq!(running.len(), 2, "two fit in 250 bytes, the third waits");
+        drop(clients.remove(0));
+        running.admit(None, &mut queue, cache);
+        assert_eq!(
+            running.len(),
+            2,
+            "the cancelled one gave its 100 bytes back"
+        );
+        let (too_large, _events) = request(vec![1; 20], 10);
+        let err = handle.submit(too_large).unwrap_err().to_string();
+        assert!(
+            err.contains("needs 300 bytes of KV cache") && err.contains("(250)"),
+            "{err}"
+        );
     }
 }
