@@ -39,6 +39,53 @@ impl std::fmt::Display for ExpertTransport {
     }
 }
 
+/// How many expert-svc processes serve each expert: `--replicas N` sets
+/// every expert's count, `--replicas E=N` one expert's (it wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaCount {
+    Every(usize),
+    Expert { expert: usize, replicas: usize },
+}
+
+impl std::str::FromStr for ReplicaCount {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let count = |value: &str| match value.trim().parse::<usize>() {
+            Ok(count) if count > 0 => Ok(count),
+            _ => Err(format!(
+                "--replicas {text:?}: expected a count of at least 1, as N or E=N"
+            )),
+        };
+        match text.split_once('=') {
+            None => Ok(Self::Every(count(text)?)),
+            Some((expert, replicas)) => Ok(Self::Expert {
+                expert: expert.trim().parse().map_err(|_| {
+                    format!("--replicas {text:?}: {expert:?} is not an expert number")
+                })?,
+                replicas: count(replicas)?,
+            }),
+        }
+    }
+}
+
+/// The replicas of `expert` under `counts` (1 unless a count says
+/// otherwise; a later count wins over an earlier one of the same kind).
+pub fn replicas_of(counts: &[ReplicaCount], expert: usize) -> usize {
+    let for_expert = counts.iter().rev().find_map(|count| match *count {
+        ReplicaCount::Expert {
+            expert: e,
+            replicas,
+        } if e == expert => Some(replicas),
+        _ => None,
+    });
+    let for_every = counts.iter().rev().find_map(|count| match *count {
+        ReplicaCount::Every(replicas) => Some(replicas),
+        _ => None,
+    });
+    for_expert.or(for_every).unwrap_or(1)
+}
+
 /// How to start a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -56,6 +103,9 @@ pub struct ClusterOptions {
     /// Distributed (one expert-svc per expert) or in-process (the router
     /// runs the experts itself; no expert processes).
     pub mode: ExpertMode,
+    /// Processes per expert in the distributed mode; the router spreads
+    /// each expert's messages over them by load.
+    pub replicas: Vec<ReplicaCount>,
     /// Extra flags for router-svc.
     pub router_args: Vec<String>,
     /// How long to wait for every process to be ready.
@@ -73,6 +123,7 @@ impl ClusterOptions {
             expert_threads: 1,
             expert_transport: ExpertTransport::Tcp,
             mode: ExpertMode::Distributed,
+            replicas: Vec::new(),
             router_args: Vec::new(),
             ready_timeout: Duration::from_secs(120),
             log_filter: "info".into(),
@@ -184,17 +235,21 @@ impl Cluster {
             ExpertMode::InProcess => router_args.push("--in-process".into()),
             ExpertMode::Distributed => {
                 for expert in 0..config.num_local_experts {
-                    let listen = match &sockets {
-                        Some(dir) => {
-                            ListenAddr::Unix(dir.path().join(format!("expert-{expert}.sock")))
+                    for replica in 0..replicas_of(&options.replicas, expert) {
+                        let listen = match &sockets {
+                            Some(dir) => ListenAddr::Unix(
+                                dir.path().join(format!("expert-{expert}-{replica}.sock")),
+                            ),
+                            None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
+                        };
+                        let mut process = start_expert(options, expert, None, &listen).await?;
+                        if replica > 0 {
+                            process.name = format!("expert-svc {expert} (replica {replica})");
                         }
-                        None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
-                    };
-                    experts.push(start_expert(options, expert, None, &listen).await?);
-                }
-                for (expert, process) in experts.iter().enumerate() {
-                    router_args.push("--expert".into());
-                    router_args.push(format!("{expert}={}", process.uri()));
+                        router_args.push("--expert".into());
+                        router_args.push(format!("{expert}={}", process.uri()));
+                        experts.push(process);
+                    }
                 }
             }
         }
@@ -338,4 +393,23 @@ pub async fn spawn(
         name,
         child,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_counts_parse_and_the_most_specific_wins() {
+        let counts: Vec<ReplicaCount> = ["2", "3=4", "3=5"]
+            .iter()
+            .map(|text| text.parse().unwrap())
+            .collect();
+        assert_eq!(replicas_of(&counts, 0), 2);
+        assert_eq!(replicas_of(&counts, 3), 5);
+        assert_eq!(replicas_of(&[], 7), 1);
+        for bad in ["0", "x", "1=0", "a=2", ""] {
+            assert!(bad.parse::<ReplicaCount>().is_err(), "{bad:?}");
+        }
+    }
 }

@@ -87,3 +87,42 @@ async fn a_replica_that_answers_slowly_gets_fewer_rows_and_nothing_fails() {
         "the slow twin served {slow_rows} rows (before: {before:?}), its twin {fast_rows}"
     );
 }
+
+/// `moe up --replicas 0=2`: the launcher starts two processes for expert 0
+/// and the router sends expert 0's rows to them and to nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_launcher_starts_replicas_and_the_router_uses_them() {
+    let model = tiny_checkpoint();
+    let options = moe::launcher::ClusterOptions {
+        replicas: vec!["0=2".parse().unwrap()],
+        ..moe_e2e::quiet_options(model.path())
+    };
+    let cluster = within(
+        "the cluster starts",
+        moe::launcher::Cluster::start(&options),
+    )
+    .await
+    .expect("cluster starts");
+    assert_eq!(cluster.experts.len(), 17, "16 experts, expert 0 twice");
+    let uri = cluster.router_uri();
+    for prompt in [[1u32, 2, 3], [7, 8, 9], [20, 21, 22]] {
+        within("a generation", generate(&uri, greedy(&prompt, 40)))
+            .await
+            .expect("generates");
+    }
+    let mut served_for_0 = 0;
+    for process in &cluster.experts {
+        let described = describe(&process.uri()).await;
+        if described.expert == 0 {
+            served_for_0 += described.rows_served;
+        }
+    }
+    let routed_to_0 = moe_e2e::stats(&uri).await.rows_by_expert[0];
+    assert!(routed_to_0 > 0);
+    assert_eq!(
+        served_for_0, routed_to_0,
+        "expert 0's rows went to its replicas"
+    );
+    let names: Vec<&str> = cluster.experts.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(&names[..2], ["expert-svc 0", "expert-svc 0 (replica 1)"]);
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use moe::bench::{self, ModelShape, Peak, Prompt, RunMode, RunReport, Workload};
-use moe::launcher::{Cluster, ClusterOptions, ExpertTransport};
+use moe::launcher::{Cluster, ClusterOptions, ExpertTransport, ReplicaCount};
 use moe_model::ModelConfig;
 use moe_proto::ExpertMode;
 use moe_proto::v1::ModelInfoRequest;
@@ -68,6 +68,10 @@ pub struct BenchArgs {
     /// command starts.
     #[arg(long, value_enum, default_value_t = ExpertTransport::Tcp)]
     pub expert_transport: ExpertTransport,
+    /// Expert processes per expert: N for every expert, E=N for expert E
+    /// (repeatable); the router balances each expert's messages over them.
+    #[arg(long = "replicas", value_name = "N|E=N")]
+    pub replicas: Vec<ReplicaCount>,
     /// Extra flags for router-svc, e.g. --router-arg=--wire-dtype=bf16.
     #[arg(long = "router-arg", allow_hyphen_values = true)]
     pub router_args: Vec<String>,
@@ -237,6 +241,7 @@ async fn start_cluster(args: &BenchArgs, mode: ExpertMode) -> anyhow::Result<Clu
         expert_threads: args.expert_threads,
         expert_transport: args.expert_transport,
         mode,
+        replicas: args.replicas.clone(),
         router_args: args.router_args.clone(),
         log_filter: "warn".into(),
         ..ClusterOptions::new(model)?

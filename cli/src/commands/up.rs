@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use moe::launcher::{Cluster, ClusterOptions, ExpertTransport};
+use moe::launcher::{Cluster, ClusterOptions, ExpertTransport, ReplicaCount};
 use moe_proto::ExpertMode;
 
 #[derive(Debug, Args)]
@@ -25,6 +25,10 @@ pub struct UpArgs {
     /// processes, same kernels), e.g. as the baseline of a comparison.
     #[arg(long)]
     pub in_process: bool,
+    /// Expert processes per expert: N for every expert, E=N for expert E
+    /// (repeatable); the router balances each expert's messages over them.
+    #[arg(long = "replicas", value_name = "N|E=N")]
+    pub replicas: Vec<ReplicaCount>,
     /// Extra flags passed to router-svc, e.g. --router-arg=--wire-dtype=bf16.
     #[arg(long = "router-arg", allow_hyphen_values = true)]
     pub router_args: Vec<String>,
@@ -41,6 +45,7 @@ impl UpArgs {
             } else {
                 ExpertMode::Distributed
             },
+            replicas: self.replicas.clone(),
             router_args: self.router_args.clone(),
             ..ClusterOptions::new(&self.model)?
         })
