@@ -163,8 +163,6 @@ pub(super) struct Running {
     max_running: usize,
     model: ModelLimits,
     budget: KvBudget,
-    /// KV cache bytes the running sequences hold.
-    reserved: u64,
 }
 
 impl Running {
@@ -175,20 +173,7 @@ impl Running {
             max_running,
             model,
             budget,
-            reserved: 0,
         }
-    }
-
-    /// Keeps the sequences `keep` says, giving back what the others held.
-    fn retain(&mut self, keep: impl Fn(&Sequence) -> bool) {
-        let reserved = &mut self.reserved;
-        self.sequences.retain(|sequence| {
-            let kept = keep(sequence);
-            if !kept {
-                *reserved -= sequence.reserved;
-            }
-            kept
-        });
     }
 
     /// Nothing running and nothing waiting: the scheduler may sleep until
@@ -224,19 +209,20 @@ impl Running {
         }
         self.waiting
             .retain(|queued| !queued.request.events.is_closed());
-        self.retain(|sequence| !sequence.is_cancelled());
+        self.sequences.retain(|sequence| !sequence.is_cancelled());
+        let mut reserved: u64 = self.sequences.iter().map(|s| s.reserved).sum();
         while self.sequences.len() < self.max_running {
             let Some(next) = self.waiting.front() else {
                 break;
             };
             let need = self.budget.need(&next.request);
-            if !self.budget.fits(self.reserved + need) {
+            if !self.budget.fits(reserved + need) {
                 break;
             }
             let Some(queued) = self.waiting.pop_front() else {
                 break;
             };
-            self.reserved += need;
+            reserved += need;
             self.sequences
                 .push(Sequence::new(queued.request, new_cache(), need));
         }
@@ -286,7 +272,7 @@ impl Running {
 
     /// Drops the sequences that finished; dropping one frees its KV cache.
     pub(super) fn remove_finished(&mut self) {
-        self.retain(|sequence| !sequence.done);
+        self.sequences.retain(|sequence| !sequence.done);
     }
 }
 
