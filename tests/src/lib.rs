@@ -19,6 +19,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 mod binaries;
+pub mod dns;
 
 pub use moe::client;
 pub use tonic_health::pb::health_check_response::ServingStatus;
