@@ -13,10 +13,10 @@ use std::sync::Arc;
 use attention_svc::MoeLayer;
 use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use router_svc::RouterError;
 use router_svc::dispatch::{ExpertBackend, MoeDispatcher};
 use router_svc::gate::Gate;
 use router_svc::stats::RouterStats;
+use router_svc::{OnExpertDown, RouterError};
 
 const EXPERTS: usize = 16;
 const HIDDEN: usize = 512;
@@ -37,6 +37,7 @@ fn dispatch(c: &mut Criterion) {
         Gate::new(vec![gate_weight], 2).unwrap(),
         Echo,
         Arc::new(RouterStats::new(EXPERTS, None)),
+        OnExpertDown::Fail,
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()

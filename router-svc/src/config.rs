@@ -1,6 +1,7 @@
 //! Command-line flags, turned into one validated [`Config`] before anything
 //! is loaded or connected.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,7 +10,9 @@ use clap::builder::BoolishValueParser;
 use moe_proto::{ExpertMode, ListenAddr, WireDType};
 
 use crate::RouterError;
-use crate::endpoints::{self, ExpertEndpoint};
+use crate::dispatch::FailoverPolicy;
+use crate::endpoints;
+use crate::replicas::discovery::Sources;
 use crate::scheduler::SchedulerConfig;
 
 /// Serve a Mixture-of-Experts model: the public API, attention and gate
@@ -34,9 +37,31 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub experts: Vec<String>,
-    /// A JSON cluster file listing the expert endpoints.
+    /// A JSON cluster file listing the expert endpoints; re-read when it
+    /// changes, so replicas can be added and removed while the router runs.
     #[arg(long, env = "MOE_CLUSTER")]
     pub cluster: Option<PathBuf>,
+    /// How often `dns:///NAME:PORT` endpoints are resolved again (also
+    /// soon after a replica cannot be reached), e.g. 5s or 500ms.
+    #[arg(long, env = "MOE_RESOLVE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub resolve_interval: Duration,
+    /// The DNS server (HOST:PORT) that resolves `dns:` endpoints;
+    /// otherwise the system's resolver configuration.
+    #[arg(long, env = "MOE_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
+    /// Times one expert message may be sent again to another replica
+    /// after its replica failed or did not answer in time.
+    #[arg(long, env = "MOE_EXPERT_RETRIES", default_value_t = 2)]
+    pub expert_retries: u32,
+    /// How long rows wait for an expert that has no ready replica (long
+    /// enough to cover a restart) before they fail or are rerouted.
+    #[arg(long, env = "MOE_NO_REPLICA_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub no_replica_wait: Duration,
+    /// When an expert has had no ready replica for --no-replica-wait: fail
+    /// the requests that need it (UNAVAILABLE), or reroute their rows to
+    /// the next-best ready experts by gate score and flag them degraded.
+    #[arg(long, env = "MOE_ON_EXPERT_DOWN", value_enum, default_value_t = OnExpertDown::Fail)]
+    pub on_expert_down: OnExpertDown,
     /// Run every expert inside this process (the in-process mode: same
     /// kernels, no network).
     #[arg(long, env = "MOE_IN_PROCESS", alias = "local-experts", value_parser = BoolishValueParser::new())]
@@ -80,11 +105,21 @@ pub struct Args {
     pub sched_batch: bool,
 }
 
+/// What happens to rows whose expert has no ready replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExpertDown {
+    /// The requests that need it end with UNAVAILABLE naming it.
+    Fail,
+    /// Its rows go to their next-best ready experts; the requests are
+    /// flagged degraded.
+    Reroute,
+}
+
 /// Where the experts are.
 #[derive(Debug, Clone)]
 pub enum ExpertPlacement {
-    /// expert-svc processes at these endpoints.
-    Distributed(Vec<ExpertEndpoint>),
+    /// expert-svc processes that these sources list.
+    Distributed(Sources),
     /// In this process.
     InProcess,
 }
@@ -106,6 +141,8 @@ pub struct Config {
     pub device: String,
     pub scheduler: SchedulerConfig,
     pub expert_timeout: Duration,
+    pub failover: FailoverPolicy,
+    pub on_expert_down: OnExpertDown,
     pub wire_dtype: WireDType,
     pub shutdown_grace: Duration,
 }
@@ -124,15 +161,17 @@ impl TryFrom<Args> for Config {
         }
         let experts = if args.in_process {
             ExpertPlacement::InProcess
-        } else if let Some(path) = &args.cluster {
-            ExpertPlacement::Distributed(endpoints::read_cluster_file(path)?)
         } else {
-            ExpertPlacement::Distributed(
-                args.experts
+            ExpertPlacement::Distributed(Sources {
+                flags: args
+                    .experts
                     .iter()
                     .map(|flag| endpoints::parse_flag(flag))
                     .collect::<Result<_, _>>()?,
-            )
+                cluster_file: args.cluster.clone(),
+                resolve_interval: args.resolve_interval,
+                dns_server: args.dns_server,
+            })
         };
         for (name, value) in [
             ("--max-batch-tokens", args.max_batch_tokens),
@@ -156,6 +195,11 @@ impl TryFrom<Args> for Config {
                 kv_cache_bytes: args.kv_cache_bytes,
             },
             expert_timeout: Duration::from_secs(args.expert_timeout_secs),
+            failover: FailoverPolicy {
+                retries: args.expert_retries,
+                no_replica_wait: args.no_replica_wait,
+            },
+            on_expert_down: args.on_expert_down,
             wire_dtype: args.wire_dtype,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         })

@@ -19,6 +19,9 @@ pub enum RouterError {
     /// An expert could not answer; the message names it and its endpoint.
     #[error("{0}")]
     ExpertUnavailable(String),
+    /// An expert had no ready replica for `--no-replica-wait`.
+    #[error("{message}")]
+    NoReplica { expert: usize, message: String },
     #[error("{0}")]
     ExpertTimeout(String),
     /// The client's own deadline (`grpc-timeout`) passed.
@@ -59,9 +62,10 @@ impl RouterError {
         match self {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::NotReady(_) | Self::ShuttingDown | Self::ExpertUnavailable(_) => {
-                Code::Unavailable
-            }
+            Self::NotReady(_)
+            | Self::ShuttingDown
+            | Self::ExpertUnavailable(_)
+            | Self::NoReplica { .. } => Code::Unavailable,
             Self::Overloaded(_) => Code::ResourceExhausted,
             Self::ExpertTimeout(_) | Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Internal(_)
@@ -71,6 +75,19 @@ impl RouterError {
             | Self::Io(_)
             | Self::Transport(_) => Code::Internal,
         }
+    }
+
+    /// Whether the failure belongs to the rows of one expert message (the
+    /// sequences that sent them fail, the step goes on), rather than to
+    /// the whole step.
+    pub fn ends_only_its_rows(&self) -> bool {
+        matches!(
+            self,
+            Self::ExpertUnavailable(_)
+                | Self::ExpertTimeout(_)
+                | Self::Overloaded(_)
+                | Self::NoReplica { .. }
+        )
     }
 
     /// A copy for each of the requests one failure ends (a failed step ends
@@ -83,6 +100,10 @@ impl RouterError {
             Self::ShuttingDown => Self::ShuttingDown,
             Self::Overloaded(m) => Self::Overloaded(m.clone()),
             Self::ExpertUnavailable(m) => Self::ExpertUnavailable(m.clone()),
+            Self::NoReplica { expert, message } => Self::NoReplica {
+                expert: *expert,
+                message: message.clone(),
+            },
             Self::ExpertTimeout(m) => Self::ExpertTimeout(m.clone()),
             Self::DeadlineExceeded(m) => Self::DeadlineExceeded(m.clone()),
             other => Self::Internal(other.to_string()),

@@ -46,8 +46,21 @@ impl Gate {
     /// Experts that receive no row are left out; the rest come in expert
     /// order, which is also the order their outputs are summed in.
     pub fn route(&self, layer: usize, hidden: &Tensor) -> candle_core::Result<Vec<ExpertRows>> {
+        self.route_among(layer, hidden, |_| true)
+    }
+
+    /// As [`Gate::route`], choosing each row's top k among the `usable`
+    /// experts only (renormalised over them): where rows go when their
+    /// first choices cannot serve.
+    pub fn route_among(
+        &self,
+        layer: usize,
+        hidden: &Tensor,
+        usable: impl Fn(usize) -> bool,
+    ) -> candle_core::Result<Vec<ExpertRows>> {
         let logits = hidden.matmul(&self.weights[layer])?.to_vec2::<f32>()?;
         let num_experts = self.weights[layer].dim(1)?;
+        let usable: Vec<bool> = (0..num_experts).map(usable).collect();
         let mut per_expert: Vec<ExpertRows> = (0..num_experts)
             .map(|expert| ExpertRows {
                 expert,
@@ -56,7 +69,7 @@ impl Gate {
             })
             .collect();
         for (row, logits) in logits.iter().enumerate() {
-            for (expert, weight) in top_k_softmax(logits, self.top_k) {
+            for (expert, weight) in top_k_softmax_among(logits, self.top_k, &usable) {
                 per_expert[expert].rows.push(row as u32);
                 per_expert[expert].weights.push(weight);
             }
@@ -69,10 +82,15 @@ impl Gate {
 /// The `k` largest softmax probabilities of `logits`, renormalised to sum
 /// to one, with their indices. Ties go to the lower index, as in torch.
 pub fn top_k_softmax(logits: &[f32], k: usize) -> Vec<(usize, f32)> {
+    top_k_softmax_among(logits, k, &vec![true; logits.len()])
+}
+
+/// As [`top_k_softmax`], choosing only among the experts marked `usable`.
+fn top_k_softmax_among(logits: &[f32], k: usize, usable: &[bool]) -> Vec<(usize, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
     let total: f32 = exps.iter().sum();
-    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let mut order: Vec<usize> = (0..logits.len()).filter(|&e| usable[e]).collect();
     order.sort_by(|&a, &b| exps[b].total_cmp(&exps[a]).then(a.cmp(&b)));
     let chosen = &order[..k.min(order.len())];
     let probs: Vec<f32> = chosen.iter().map(|&e| exps[e] / total).collect();
@@ -95,6 +113,18 @@ mod tests {
         let (a, b) = ((2.0f32).exp(), (1.0f32).exp());
         assert!((chosen[0].1 - a / (a + b)).abs() < 1e-6);
         assert!((chosen[0].1 + chosen[1].1 - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn without_an_expert_rows_go_to_their_next_best_renormalised() {
+        let logits = [0.0, 2.0, 1.0, -1.0];
+        let chosen = top_k_softmax_among(&logits, 2, &[true, false, true, true]);
+        assert_eq!(chosen.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 0]);
+        let (a, b) = ((1.0f32).exp(), (0.0f32).exp());
+        assert!((chosen[0].1 - a / (a + b)).abs() < 1e-6);
+        // Fewer usable experts than k: each row goes to those there are.
+        let chosen = top_k_softmax_among(&logits, 2, &[false, false, false, true]);
+        assert_eq!(chosen, vec![(3, 1.0)]);
     }
 
     #[test]

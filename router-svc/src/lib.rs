@@ -22,7 +22,7 @@ mod server;
 mod service;
 pub mod stats;
 
-pub use config::{Args, Config, ExpertPlacement};
+pub use config::{Args, Config, ExpertPlacement, OnExpertDown};
 pub use error::RouterError;
 pub use moe_proto::transport::shutdown_signal;
 pub use server::run;

@@ -1,89 +1,74 @@
-//! The router is ready once every expert endpoint has answered Describe
-//! with this checkpoint's fingerprint and shape. Until then it says which
-//! expert is missing or wrong, in its logs, its health status and its
-//! answers to clients.
+//! Whether the router can serve: at start, it admits requests once every
+//! (expert, layer) has had a ready replica; from then on its gRPC health
+//! follows coverage — NOT_SERVING (with the reason in its log) while some
+//! expert has no ready replica, SERVING again once it has — so that a
+//! load balancer or Kubernetes sends clients elsewhere meanwhile.
+//! Requests already admitted wait for the replica (`--no-replica-wait`).
 
-use std::time::Duration;
+use std::sync::Arc;
 
-use futures::future::join_all;
-use moe_model::ModelConfig;
+use moe_proto::transport;
+use moe_proto::v1::inference_server::InferenceServer;
 use tokio::sync::watch;
+use tonic_health::server::HealthReporter;
 
-use crate::dispatch::EndpointClient;
+use crate::replicas::set::ReplicaSets;
+use crate::service::InferenceService;
 
-/// `Ok(())` once ready; otherwise why not.
+/// `Ok(())` once the router has been ready; before that, why not.
 pub type Readiness = watch::Receiver<Result<(), String>>;
+
+pub fn ready() -> Readiness {
+    watch::channel(Ok(())).1
+}
 
 pub fn not_ready(why: &str) -> (watch::Sender<Result<(), String>>, Readiness) {
     watch::channel(Err(why.to_owned()))
 }
 
-/// What each endpoint must report.
-pub struct Expected<'a> {
-    pub config: &'a ModelConfig,
-    pub fingerprint: &'a str,
-}
-
-/// Polls every endpoint until all check out, publishing progress on `state`.
-pub async fn wait_for_experts(
-    endpoints: Vec<(usize, std::ops::Range<usize>, EndpointClient)>,
-    expected: Expected<'_>,
-    state: watch::Sender<Result<(), String>>,
+/// Publishes the replicas' coverage, as it changes, on `startup` (until
+/// the first time it is complete) and on the health service (unless
+/// draining, which owns the health status from then on).
+pub async fn follow_coverage(
+    sets: Arc<ReplicaSets>,
+    startup: watch::Sender<Result<(), String>>,
+    health: HealthReporter,
+    draining: watch::Receiver<bool>,
 ) {
-    let mut last_problem = String::new();
+    let mut changes = sets.subscribe();
+    let mut last: Option<Result<(), String>> = None;
     loop {
-        let checks = endpoints
-            .iter()
-            .map(|(expert, layers, client)| check(*expert, layers, client, &expected));
-        let problems: Vec<String> = join_all(checks)
-            .await
-            .into_iter()
-            .filter_map(Result::err)
-            .collect();
-        if problems.is_empty() {
-            tracing::info!(endpoints = endpoints.len(), "every expert answered; ready");
-            let _ = state.send(Ok(()));
+        let coverage = sets.coverage();
+        if last.as_ref() != Some(&coverage) {
+            let starting = startup.borrow().is_err();
+            match &coverage {
+                Ok(()) => tracing::info!("every expert has a ready replica; serving"),
+                // Replicas answer one by one at start: only a loss is news.
+                Err(why) if starting => tracing::debug!(%why, "not serving yet"),
+                Err(why) => tracing::warn!(%why, "not serving"),
+            }
+            if starting {
+                let _previous = startup.send_replace(coverage.clone());
+            }
+            if !*draining.borrow() {
+                transport::set_serving::<InferenceServer<InferenceService>>(
+                    &health,
+                    coverage.is_ok(),
+                )
+                .await;
+            }
+            last = Some(coverage);
+        }
+        if changes.changed().await.is_err() {
             return;
         }
-        let problem = problems.join("; ");
-        if problem != last_problem {
-            tracing::warn!(%problem, "waiting for experts");
-            last_problem = problem.clone();
-        }
-        let _ = state.send(Err(problem));
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
-async fn check(
-    expert: usize,
-    layers: &std::ops::Range<usize>,
-    client: &EndpointClient,
-    expected: &Expected<'_>,
-) -> Result<(), String> {
-    let described = client.describe().await.map_err(|err| err.to_string())?;
-    let label = client.label();
-    let config = expected.config;
-    if described.model_fingerprint != expected.fingerprint {
-        return Err(format!(
-            "{label} serves another checkpoint (fingerprint {}, router has {})",
-            described.model_fingerprint, expected.fingerprint
-        ));
+/// Marks the service SERVING at once (its experts are in this process),
+/// unless it has started draining by then.
+pub async fn serve_in_process(health: HealthReporter, draining: watch::Receiver<bool>) {
+    if !*draining.borrow() {
+        transport::set_serving::<InferenceServer<InferenceService>>(&health, true).await;
     }
-    let served = described.layer_start as usize..described.layer_end as usize;
-    if described.expert as usize != expert || served != *layers {
-        return Err(format!(
-            "{label} serves expert {} layers {served:?}, but the cluster expects expert {expert} layers {layers:?}",
-            described.expert
-        ));
-    }
-    if described.hidden_size as usize != config.hidden_size
-        || described.intermediate_size as usize != config.intermediate_size
-        || described.num_experts as usize != config.num_local_experts
-    {
-        return Err(format!(
-            "{label} reports a model shape that differs from the router's"
-        ));
-    }
-    Ok(())
 }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use moe_proto::v1::{FinishReason, GenerateResponse, Usage};
+use moe_proto::v1::{Degraded, FinishReason, GenerateResponse, Usage};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -47,8 +47,18 @@ pub async fn relay(
             event = events.recv() => event,
         };
         let response = match event {
-            Some(SequenceEvent::Token { id, logprob }) => builder.token(id, logprob),
-            Some(SequenceEvent::Finished(finish)) => builder.finished(finish),
+            Some(SequenceEvent::Token {
+                id,
+                logprob,
+                degraded,
+            }) => {
+                builder.degraded(degraded);
+                builder.token(id, logprob)
+            }
+            Some(SequenceEvent::Finished { finish, degraded }) => {
+                builder.degraded(degraded);
+                builder.finished(finish)
+            }
             Some(SequenceEvent::Failed(err)) => {
                 // The sequence is over: cancel it before waiting for the
                 // client to take the error.
@@ -76,6 +86,8 @@ struct ResponseBuilder<'a> {
     logprobs: bool,
     prompt_tokens: u32,
     completion_tokens: u32,
+    /// Experts whose rows went to next-best experts, ascending.
+    missing_experts: Vec<u32>,
 }
 
 impl<'a> ResponseBuilder<'a> {
@@ -87,7 +99,23 @@ impl<'a> ResponseBuilder<'a> {
             logprobs: request.logprobs,
             prompt_tokens: request.prompt.len() as u32,
             completion_tokens: 0,
+            missing_experts: Vec::new(),
         }
+    }
+
+    fn degraded(&mut self, missing: Vec<u32>) {
+        for expert in missing {
+            if let Err(at) = self.missing_experts.binary_search(&expert) {
+                self.missing_experts.insert(at, expert);
+            }
+        }
+    }
+
+    /// Said on the last response of a request that was served degraded.
+    fn degradation(&self) -> Option<Degraded> {
+        (!self.missing_experts.is_empty()).then(|| Degraded {
+            missing_experts: self.missing_experts.clone(),
+        })
     }
 
     fn usage(&self) -> Usage {
@@ -116,6 +144,7 @@ impl<'a> ResponseBuilder<'a> {
                 0
             },
             usage: stopped.then(|| self.usage()),
+            degraded: stopped.then(|| self.degradation()).flatten(),
         }
     }
 
@@ -128,6 +157,7 @@ impl<'a> ResponseBuilder<'a> {
                 Finish::Eos => FinishReason::Eos,
             } as i32,
             usage: Some(self.usage()),
+            degraded: self.degradation(),
             ..Default::default()
         }
     }

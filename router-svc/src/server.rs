@@ -8,16 +8,16 @@ use moe_model::{Checkpoint, parse_device};
 use moe_proto::v1::inference_server::InferenceServer;
 use moe_proto::{Listener, transport};
 use tokenizers::Tokenizer;
-use tokio::sync::watch;
-use tonic_health::server::HealthReporter;
 
 use crate::config::{Config, ExpertPlacement};
 use crate::dispatch::{
-    DistributedExperts, EndpointClient, Experts, InProcessExperts, MoeDispatcher,
-    remote::DispatchSettings,
+    DispatchSettings, DistributedExperts, Experts, InProcessExperts, MoeDispatcher,
 };
 use crate::gate::Gate;
-use crate::readiness::{self, Expected, Readiness};
+use crate::readiness;
+use crate::replicas::discovery;
+use crate::replicas::set::ReplicaSets;
+use crate::replicas::supervisor::Expected;
 use crate::scheduler;
 use crate::service::{InferenceService, ServedModel};
 use crate::stats::RouterStats;
@@ -53,8 +53,28 @@ pub async fn run(
         checkpoint.config().num_local_experts,
         wire_dtype,
     ));
-    let (experts, readiness) = connect_experts(&config, &checkpoint, engine.device(), &stats)?;
-    let moe = MoeDispatcher::new(gate, experts, stats.clone());
+    let (draining, drain_signal) = transport::drain_switch();
+    let (experts, replicas) = connect_experts(&config, &checkpoint, &device, &stats)?;
+    let readiness = match &replicas {
+        Some(sets) => {
+            let (startup, readiness) = readiness::not_ready("no expert has answered yet");
+            tokio::spawn(readiness::follow_coverage(
+                sets.clone(),
+                startup,
+                health.clone(),
+                drain_signal.clone(),
+            ));
+            readiness
+        }
+        None => {
+            tokio::spawn(readiness::serve_in_process(
+                health.clone(),
+                drain_signal.clone(),
+            ));
+            readiness::ready()
+        }
+    };
+    let moe = MoeDispatcher::new(gate, experts, stats.clone(), config.on_expert_down);
     let scheduler = scheduler::spawn(
         engine,
         moe,
@@ -63,13 +83,7 @@ pub async fn run(
         tokio::runtime::Handle::current(),
     )?;
     drop(checkpoint);
-    let (draining, drain_signal) = transport::drain_switch();
-    tokio::spawn(report_health(
-        readiness.clone(),
-        health.clone(),
-        drain_signal.clone(),
-    ));
-    let service = InferenceService::new(model, scheduler, readiness, stats, drain_signal);
+    let service = InferenceService::new(model, scheduler, readiness, stats, replicas, drain_signal);
     tracing::info!(addr = %listener.local_addr()?, %mode, "router serving");
     let server = server.add_service(transport::inference_server(service));
     Ok(
@@ -85,54 +99,52 @@ pub async fn run(
     )
 }
 
-/// The experts the config places: in-process ones are ready at once;
-/// distributed ones once each endpoint has answered Describe correctly,
-/// which a background task checks.
+/// The experts the config places: in this process, or replicas that
+/// discovery keeps current and that each take work once checked.
 fn connect_experts(
     config: &Config,
     checkpoint: &Checkpoint,
     device: &candle_core::Device,
     stats: &Arc<RouterStats>,
-) -> Result<(Experts, Readiness), RouterError> {
+) -> Result<(Experts, Option<Arc<ReplicaSets>>), RouterError> {
     let model = checkpoint.config();
-    let endpoints = match &config.experts {
+    let sources = match &config.experts {
         ExpertPlacement::InProcess => {
             let experts = InProcessExperts::load(checkpoint, device)?;
-            return Ok((Experts::InProcess(experts), watch::channel(Ok(())).1));
+            return Ok((Experts::InProcess(experts), None));
         }
-        ExpertPlacement::Distributed(endpoints) => endpoints,
+        ExpertPlacement::Distributed(sources) => sources,
     };
+    let listed = sources.listed()?;
+    endpoints::layout(&listed, model.num_local_experts, model.num_hidden_layers)?;
     let settings = DispatchSettings {
         timeout: config.expert_timeout,
         wire_dtype: config.wire_dtype,
         hidden_size: model.hidden_size,
     };
-    let layout = endpoints::layout(endpoints, model.num_local_experts, model.num_hidden_layers)?;
-    let mut clients = Vec::with_capacity(layout.len());
-    let mut to_check = Vec::new();
-    for (expert, served) in layout.into_iter().enumerate() {
-        let mut per_expert = Vec::with_capacity(served.len());
-        for (layers, endpoint) in served {
-            let client =
-                EndpointClient::spawn(expert, &endpoint.uri, settings.clone(), stats.clone())?;
-            to_check.push((expert, layers.clone(), client.clone()));
-            per_expert.push((layers, client));
-        }
-        clients.push(per_expert);
-    }
-    let (state, readiness) = readiness::not_ready("no expert has answered yet");
-    let (model, fingerprint) = (model.clone(), checkpoint.fingerprint().to_owned());
-    tokio::spawn(async move {
-        let expected = Expected {
-            config: &model,
-            fingerprint: &fingerprint,
-        };
-        readiness::wait_for_experts(to_check, expected, state).await;
-    });
-    Ok((
-        Experts::Distributed(DistributedExperts::new(clients)),
-        readiness,
-    ))
+    let expected = Expected {
+        config: model.clone(),
+        fingerprint: checkpoint.fingerprint().to_owned(),
+    };
+    let sets = Arc::new(ReplicaSets::new(
+        model.num_local_experts,
+        settings.clone(),
+        expected,
+        stats.clone(),
+    ));
+    tokio::spawn(discovery::run(
+        sources.clone(),
+        listed,
+        model.num_hidden_layers,
+        sets.clone(),
+    ));
+    let experts = DistributedExperts::new(
+        sets.clone(),
+        settings,
+        config.failover.clone(),
+        stats.clone(),
+    );
+    Ok((Experts::Distributed(experts), Some(sets)))
 }
 
 fn load_tokenizer(checkpoint: &Checkpoint) -> Result<Option<Tokenizer>, RouterError> {
@@ -147,16 +159,4 @@ fn load_tokenizer(checkpoint: &Checkpoint) -> Result<Option<Tokenizer>, RouterEr
             path.display()
         )))
     })
-}
-
-/// Marks the service SERVING once ready, for Kubernetes readiness probes,
-/// unless it has started draining by then.
-async fn report_health(
-    mut readiness: Readiness,
-    health: HealthReporter,
-    draining: watch::Receiver<bool>,
-) {
-    if readiness.wait_for(Result::is_ok).await.is_ok() && !*draining.borrow() {
-        transport::set_serving::<InferenceServer<InferenceService>>(&health, true).await;
-    }
 }

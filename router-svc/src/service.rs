@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status};
 use crate::RouterError;
 use crate::readiness::Readiness;
 use crate::relay::relay;
+use crate::replicas::set::ReplicaSets;
 use crate::request::{ValidRequest, validate};
 use crate::sampling::Sampler;
 use crate::scheduler::{GenerationRequest, SchedulerHandle, SequenceEvent};
@@ -46,6 +47,8 @@ pub struct InferenceService {
     scheduler: SchedulerHandle,
     readiness: Readiness,
     stats: Arc<RouterStats>,
+    /// The experts' replicas, in the distributed mode.
+    replicas: Option<Arc<ReplicaSets>>,
     draining: watch::Receiver<bool>,
 }
 
@@ -55,6 +58,7 @@ impl InferenceService {
         scheduler: SchedulerHandle,
         readiness: Readiness,
         stats: Arc<RouterStats>,
+        replicas: Option<Arc<ReplicaSets>>,
         draining: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -62,6 +66,7 @@ impl InferenceService {
             scheduler,
             readiness,
             stats,
+            replicas,
             draining,
         }
     }
@@ -135,7 +140,11 @@ impl inference_server::Inference for InferenceService {
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        Ok(Response::new(self.stats.snapshot()))
+        let mut snapshot = self.stats.snapshot();
+        if let Some(sets) = &self.replicas {
+            snapshot.replicas = sets.reports().into_iter().map(Into::into).collect();
+        }
+        Ok(Response::new(snapshot))
     }
 }
 

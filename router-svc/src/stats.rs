@@ -3,10 +3,14 @@
 //! `Stats` RPC. Relaxed atomics: each counter is monotonic on its own, and a
 //! snapshot taken between steps is what a benchmark subtracts.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use moe_proto::WireDType;
-use moe_proto::v1::StatsResponse;
+use moe_proto::v1::{ReplicaStatus, StatsResponse};
+
+use crate::replicas::link::ReplicaState;
+use crate::replicas::picker::ReplicaLoad;
 
 #[derive(Debug)]
 pub struct RouterStats {
@@ -20,6 +24,9 @@ pub struct RouterStats {
     wire_bytes_sent: AtomicU64,
     wire_bytes_received: AtomicU64,
     rows_by_expert: Vec<AtomicU64>,
+    expert_resends: AtomicU64,
+    replicas_refused: AtomicU64,
+    rerouted_rows: AtomicU64,
     /// `None` in the in-process mode: nothing goes on a wire.
     wire_dtype: Option<WireDType>,
 }
@@ -40,6 +47,9 @@ impl RouterStats {
             wire_bytes_sent: AtomicU64::new(0),
             wire_bytes_received: AtomicU64::new(0),
             rows_by_expert: (0..num_experts).map(|_| AtomicU64::new(0)).collect(),
+            expert_resends: AtomicU64::new(0),
+            replicas_refused: AtomicU64::new(0),
+            rerouted_rows: AtomicU64::new(0),
             wire_dtype,
         }
     }
@@ -82,6 +92,21 @@ impl RouterStats {
             .fetch_add(encoded_len as u64 + GRPC_PREFIX_BYTES, Ordering::Relaxed);
     }
 
+    /// A message was sent again to another replica.
+    pub fn record_resend(&self) {
+        self.expert_resends.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A replica's Describe did not match; it was refused.
+    pub fn record_replica_refused(&self) {
+        self.replicas_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `rows` went to a next-best expert.
+    pub fn record_rerouted(&self, rows: usize) {
+        self.rerouted_rows.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> StatsResponse {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let rows_by_expert: Vec<u64> = self.rows_by_expert.iter().map(load).collect();
@@ -98,6 +123,34 @@ impl RouterStats {
             wire_bytes_received: load(&self.wire_bytes_received),
             wire_dtype: self.wire_dtype.map(|dtype| dtype.to_string()),
             rows_by_expert,
+            expert_resends: load(&self.expert_resends),
+            replicas_refused: load(&self.replicas_refused),
+            rerouted_rows: load(&self.rerouted_rows),
+            replicas: Vec::new(),
+        }
+    }
+}
+
+/// One replica as the Stats RPC reports it.
+#[derive(Debug, Clone)]
+pub struct ReplicaReport {
+    pub expert: usize,
+    pub layers: Range<usize>,
+    pub uri: String,
+    pub state: ReplicaState,
+    pub load: ReplicaLoad,
+}
+
+impl From<ReplicaReport> for ReplicaStatus {
+    fn from(report: ReplicaReport) -> Self {
+        Self {
+            expert: report.expert as u32,
+            layer_start: report.layers.start as u32,
+            layer_end: report.layers.end as u32,
+            endpoint: report.uri,
+            state: report.state.to_string(),
+            in_flight_rows: report.load.in_flight_rows,
+            latency_seconds: report.load.latency.as_secs_f64(),
         }
     }
 }

@@ -1,31 +1,27 @@
-//! The distributed mode: one actor per expert endpoint, each keeping one
-//! persistent bidirectional `Forward` stream to its expert process and
-//! matching results to callers by request id.
+//! One actor per expert replica, keeping one persistent bidirectional
+//! `Forward` stream to it and matching results to callers by request id.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moe_proto::v1::expert_client::ExpertClient;
 use moe_proto::v1::expert_result::Result as Outcome;
-use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertBatch, ExpertResult};
+use moe_proto::v1::{ExpertBatch, ExpertResult};
 use moe_proto::{WireDType, tensor_codec, transport};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
-use super::ExpertBackend;
 use crate::RouterError;
-use crate::replicas::{LoadTracker, picker};
+use crate::replicas::link::{Link, Session};
 use crate::stats::RouterStats;
 
-/// How every endpoint actor talks to its expert.
+/// How messages go to the experts.
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
-    /// An expert that has not replied to a message by then is reported.
+    /// The longest a replica may take to answer one message; a message's
+    /// last try waits this long (earlier tries, less: see the failover).
     pub timeout: Duration,
     /// Element type of the hidden states on the wire.
     pub wire_dtype: WireDType,
@@ -44,72 +40,49 @@ struct Call {
     reply: Reply,
 }
 
-/// A cloneable handle on the actor that owns one endpoint's stream.
-#[derive(Clone)]
+/// A handle on the actor that owns one replica's Forward stream.
 pub struct EndpointClient {
-    /// "expert 3 at http://127.0.0.1:50064": how errors name this endpoint.
+    /// "expert 3 at http://127.0.0.1:50064": how errors name this replica.
     label: Arc<str>,
-    channel: Channel,
     calls: mpsc::Sender<Call>,
     settings: Arc<DispatchSettings>,
-    /// What this router has in flight to the endpoint, and its latency.
-    load: Arc<LoadTracker>,
+    link: Arc<Link>,
 }
 
 impl EndpointClient {
-    /// Starts the actor. Nothing connects until the first call: a cluster
-    /// may come up in any order.
+    /// Starts the actor. It sends only on the session its supervisor has
+    /// checked (see [`Link`]).
     pub fn spawn(
-        expert: usize,
-        uri: &str,
-        settings: DispatchSettings,
+        label: Arc<str>,
+        link: Arc<Link>,
+        settings: Arc<DispatchSettings>,
         stats: Arc<RouterStats>,
-    ) -> Result<Self, RouterError> {
-        let channel = transport::endpoint(uri)?.connect_lazy();
-        let label: Arc<str> = format!("expert {expert} at {uri}").into();
+    ) -> Self {
         let (calls, receiver) = mpsc::channel(CALL_QUEUE);
-        tokio::spawn(run_actor(label.clone(), channel.clone(), receiver, stats));
-        Ok(Self {
+        tokio::spawn(run_actor(label.clone(), link.clone(), receiver, stats));
+        Self {
             label,
-            channel,
             calls,
-            settings: Arc::new(settings),
-            load: Arc::default(),
-        })
+            settings,
+            link,
+        }
     }
 
     pub fn label(&self) -> &str {
         &self.label
     }
 
-    fn client(&self) -> ExpertClient<Channel> {
-        transport::expert_client(self.channel.clone())
-    }
-
-    pub async fn describe(&self) -> Result<DescribeResponse, RouterError> {
-        let mut client = self.client();
-        match tokio::time::timeout(self.settings.timeout, client.describe(DescribeRequest {})).await
-        {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(RouterError::ExpertUnavailable(format!(
-                "{}: {}",
-                self.label,
-                status.message()
-            ))),
-            Err(_) => Err(RouterError::ExpertTimeout(format!(
-                "{} did not answer Describe",
-                self.label
-            ))),
-        }
-    }
-
-    /// Sends `rows` (`[n, hidden]`, row-major) of `layer` and waits for the
-    /// result, of the same shape.
-    pub async fn forward(&self, layer: usize, rows: Vec<f32>) -> Result<Vec<f32>, RouterError> {
+    /// Sends `rows` rows of `layer` (already encoded) and waits up to
+    /// `timeout` for the result, decoded to `[rows, hidden]` f32.
+    pub async fn forward(
+        &self,
+        layer: usize,
+        hidden: moe_proto::v1::Tensor,
+        rows: usize,
+        timeout: Duration,
+    ) -> Result<Vec<f32>, RouterError> {
         let width = self.settings.hidden_size;
-        let expected_rows = rows.len() / width;
-        let hidden = tensor_codec::encode_rows(rows, width, self.settings.wire_dtype);
-        let in_flight = self.load.start(expected_rows as u64);
+        let in_flight = self.link.load.start(rows as u64);
         let (reply, result) = oneshot::channel();
         self.calls
             .try_send(Call {
@@ -122,13 +95,14 @@ impl EndpointClient {
                     format!("{}: {CALL_QUEUE} messages already waiting", self.label)
                 })
             })?;
-        let output = match tokio::time::timeout(self.settings.timeout, result).await {
+        let output = match tokio::time::timeout(timeout, result).await {
             Ok(Ok(result)) => result?,
             Ok(Err(_)) => return Err(RouterError::ShuttingDown),
             Err(_) => {
+                in_flight.timed_out();
                 return Err(RouterError::ExpertTimeout(format!(
-                    "{} did not answer layer {layer} within {:?}",
-                    self.label, self.settings.timeout
+                    "{} did not answer layer {layer} within {timeout:?}",
+                    self.label
                 )));
             }
         };
@@ -136,9 +110,9 @@ impl EndpointClient {
             tensor_codec::decode_rows_f32(Some(&output), width).map_err(|err| {
                 RouterError::Internal(format!("{} returned a bad tensor: {err}", self.label))
             })?;
-        if returned_rows != expected_rows {
+        if returned_rows != rows {
             return Err(RouterError::Internal(format!(
-                "{} returned {returned_rows} rows for {expected_rows}",
+                "{} returned {returned_rows} rows for {rows}",
                 self.label
             )));
         }
@@ -147,20 +121,25 @@ impl EndpointClient {
     }
 }
 
-/// An open Forward stream.
+/// An open Forward stream, on one session's connection.
 struct Stream {
+    generation: u64,
     outbound: mpsc::Sender<ExpertBatch>,
     inbound: Streaming<ExpertResult>,
 }
 
-async fn open_stream(channel: &Channel) -> Result<Stream, tonic::Status> {
+async fn open_stream(session: &Session) -> Result<Stream, tonic::Status> {
     let (outbound, receiver) = mpsc::channel(STREAM_QUEUE);
-    let mut client = transport::expert_client(channel.clone());
+    let mut client = transport::expert_client(session.channel.clone());
     let inbound = client
         .forward(ReceiverStream::new(receiver))
         .await?
         .into_inner();
-    Ok(Stream { outbound, inbound })
+    Ok(Stream {
+        generation: session.generation,
+        outbound,
+        inbound,
+    })
 }
 
 async fn next_result(stream: &mut Option<Stream>) -> Option<Result<ExpertResult, tonic::Status>> {
@@ -171,27 +150,39 @@ async fn next_result(stream: &mut Option<Stream>) -> Option<Result<ExpertResult,
 }
 
 /// Owns the stream and the table of calls awaiting a result. When the
-/// stream breaks, every pending call fails at once (naming the endpoint) and
-/// the next call opens a new stream.
+/// stream breaks, every pending call fails at once (naming the replica, so
+/// that the dispatcher sends it elsewhere), the replica is reported lost,
+/// and nothing is sent until its supervisor has checked a new connection.
 async fn run_actor(
     label: Arc<str>,
-    channel: Channel,
+    link: Arc<Link>,
     mut calls: mpsc::Receiver<Call>,
     stats: Arc<RouterStats>,
 ) {
     let mut stream: Option<Stream> = None;
     let mut pending: HashMap<u64, Reply> = HashMap::new();
     let mut next_id = 0u64;
-    let unavailable = |why: String| RouterError::ExpertUnavailable(format!("{label}: {why}"));
+    let unavailable = |why: &str| RouterError::ExpertUnavailable(format!("{label}: {why}"));
     loop {
         tokio::select! {
             call = calls.recv() => {
                 let Some(call) = call else { break };
+                let session = link.session();
+                let current = session.as_ref().map_or(0, |session| session.generation);
+                if stream.as_ref().is_some_and(|open| open.generation != current) {
+                    stream = None;
+                    fail_all(&mut pending, || unavailable("its connection was replaced"));
+                }
                 if stream.is_none() {
-                    match open_stream(&channel).await {
+                    let Some(session) = session else {
+                        let _ = call.reply.send(Err(unavailable("not connected")));
+                        continue;
+                    };
+                    match open_stream(&session).await {
                         Ok(opened) => stream = Some(opened),
                         Err(status) => {
-                            let _ = call.reply.send(Err(unavailable(format!("cannot open a stream: {}", status.message()))));
+                            link.report_lost(session.generation);
+                            let _ = call.reply.send(Err(unavailable(&format!("cannot open a stream: {}", status.message()))));
                             continue;
                         }
                     }
@@ -200,13 +191,12 @@ async fn run_actor(
                 let batch = ExpertBatch { request_id: next_id, layer: call.layer, hidden: Some(call.hidden) };
                 pending.insert(next_id, call.reply);
                 stats.record_sent(batch.encoded_len());
-                let sent = match &stream {
-                    Some(open) => open.outbound.send(batch).await.is_ok(),
-                    None => false,
-                };
-                if !sent {
+                if let Some(open) = &stream
+                    && open.outbound.send(batch).await.is_err()
+                {
+                    link.report_lost(open.generation);
                     stream = None;
-                    fail_all(&mut pending, || unavailable("stream closed".into()));
+                    fail_all(&mut pending, || unavailable("stream closed"));
                 }
             }
             result = next_result(&mut stream) => match result {
@@ -219,14 +209,16 @@ async fn run_actor(
                         None => tracing::warn!(%label, request_id = message.request_id, "a result for no pending call"),
                     }
                 }
-                Some(Err(status)) => {
-                    tracing::warn!(%label, %status, "expert stream failed");
-                    stream = None;
-                    fail_all(&mut pending, || unavailable(format!("stream failed: {}", status.message())));
-                }
-                None => {
-                    stream = None;
-                    fail_all(&mut pending, || unavailable("the expert closed its stream".into()));
+                ended => {
+                    let why = match ended {
+                        Some(Err(status)) => format!("stream failed: {}", status.message()),
+                        _ => "the expert closed its stream".to_owned(),
+                    };
+                    tracing::warn!(%label, %why, "expert stream ended");
+                    if let Some(open) = stream.take() {
+                        link.report_lost(open.generation);
+                    }
+                    fail_all(&mut pending, || unavailable(&why));
                 }
             }
         }
@@ -253,50 +245,5 @@ fn outcome(label: &str, result: Option<Outcome>) -> Result<moe_proto::v1::Tensor
         None => Err(RouterError::Internal(format!(
             "{label} sent an empty result"
         ))),
-    }
-}
-
-/// Which endpoint serves each (expert, layer).
-pub struct DistributedExperts {
-    /// Per expert: the endpoints and the layers each serves.
-    endpoints: Vec<Vec<(Range<usize>, EndpointClient)>>,
-}
-
-impl DistributedExperts {
-    pub fn new(endpoints: Vec<Vec<(Range<usize>, EndpointClient)>>) -> Self {
-        Self { endpoints }
-    }
-
-    /// The endpoint that takes a message for (`expert`, `layer`): the only
-    /// one, or of several, the one the picker chooses by load.
-    fn pick(&self, expert: usize, layer: usize) -> Option<&EndpointClient> {
-        let candidates: Vec<&EndpointClient> = self
-            .endpoints
-            .get(expert)?
-            .iter()
-            .filter(|(layers, _)| layers.contains(&layer))
-            .map(|(_, client)| client)
-            .collect();
-        if candidates.len() <= 1 {
-            return candidates.first().copied();
-        }
-        let loads: Vec<_> = candidates.iter().map(|client| client.load.load()).collect();
-        picker::pick(&loads, &mut rand::rng()).map(|index| candidates[index])
-    }
-}
-
-impl ExpertBackend for DistributedExperts {
-    async fn run(
-        &self,
-        expert: usize,
-        layer: usize,
-        rows: Vec<f32>,
-    ) -> Result<Vec<f32>, RouterError> {
-        let endpoint = self.pick(expert, layer).ok_or_else(|| {
-            RouterError::ExpertUnavailable(format!(
-                "no endpoint serves expert {expert} at layer {layer}"
-            ))
-        })?;
-        endpoint.forward(layer, rows).await
     }
 }

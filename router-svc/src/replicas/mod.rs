@@ -1,12 +1,16 @@
-//! The replicas of each expert, and which one takes each message.
-//!
-//! Today a replica set is the endpoints that the flags or the cluster file
-//! list for an (expert, layer); each endpoint's load (its in-flight rows
-//! and its latency) is tracked here, and [`picker::pick`] chooses among
-//! them per message.
+//! The replicas of each expert: which exist ([`set`], fed by
+//! [`discovery`]), whether each may take work ([`supervisor`], [`link`]),
+//! and which one takes each message ([`picker`], over the load tracked
+//! here).
 
+pub mod backoff;
+pub mod discovery;
+pub mod dns;
+pub mod link;
 pub mod peak_ewma;
 pub mod picker;
+pub mod set;
+pub mod supervisor;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,6 +76,16 @@ pub struct InFlight {
 impl InFlight {
     /// The call came back: its latency joins the replica's estimate.
     pub fn succeeded(self) {
+        self.observe();
+    }
+
+    /// No answer in time: the wait so far counts as a latency, so that a
+    /// replica that stopped answering loses its share at once.
+    pub fn timed_out(self) {
+        self.observe();
+    }
+
+    fn observe(&self) {
         let now = Instant::now();
         self.tracker
             .latency()

@@ -3,34 +3,88 @@
 //! on the scheduler's thread, so neither the router nor the experts sit
 //! idle for a whole phase.
 
-use attention_svc::{Engine, MoeLayer, SequenceChunk};
+use attention_svc::{Engine, SequenceChunk};
 
 use crate::RouterError;
+use crate::dispatch::{Reporting, RowOutcomes, StepMoe};
+
+/// A step's results: each chunk's logits, in order, and the chunks whose
+/// rows an expert could not serve as the gate asked.
+#[derive(Debug, Default)]
+pub(super) struct StepOutcome {
+    pub(super) logits: Vec<Vec<f32>>,
+    /// Chunks to fail, each once, with the first error among its rows.
+    pub(super) failed: Vec<(usize, RouterError)>,
+    /// Chunks served in part by next-best experts, and the missing expert.
+    pub(super) rerouted: Vec<(usize, usize)>,
+}
 
 /// Runs `chunks` as one batch, or, from `min_tokens` tokens on, as two
 /// micro-batches of about half the tokens each, polled together on this
 /// thread. A decode-only step always runs whole: splitting it would read
-/// every expert's weights twice for rows that cost little else. Returns
-/// each chunk's logits, in order.
-pub(super) async fn run_micro_batches<M: MoeLayer<Error = RouterError>>(
+/// every expert's weights twice for rows that cost little else.
+pub(super) async fn run_micro_batches<M: StepMoe>(
     engine: &Engine,
     chunks: &mut [SequenceChunk<'_>],
     decode_only: bool,
     min_tokens: usize,
     moe: &M,
-) -> Result<Vec<Vec<f32>>, RouterError> {
-    let logits = |tensor: candle_core::Tensor| -> Result<Vec<Vec<f32>>, RouterError> {
-        Ok(tensor.to_vec2::<f32>()?)
-    };
+) -> Result<StepOutcome, RouterError> {
     let split = split_point(chunks, decode_only, min_tokens);
+    let mut outcome = StepOutcome::default();
     if split == 0 {
-        return logits(engine.step(chunks, moe).await?);
+        let whole = Reporting::new(moe);
+        let logits = engine.step(chunks, &whole).await?;
+        outcome.logits = logits.to_vec2::<f32>()?;
+        outcome.attribute(whole.report.into_outcomes(), &lengths(chunks), 0);
+        return Ok(outcome);
     }
     let (first, second) = chunks.split_at_mut(split);
-    let (first, second) = futures::join!(engine.step(first, moe), engine.step(second, moe));
-    let mut all = logits(first?)?;
-    all.extend(logits(second?)?);
-    Ok(all)
+    let (first_moe, second_moe) = (Reporting::new(moe), Reporting::new(moe));
+    let (first_logits, second_logits) = futures::join!(
+        engine.step(first, &first_moe),
+        engine.step(second, &second_moe)
+    );
+    outcome.logits = first_logits?.to_vec2::<f32>()?;
+    outcome.logits.extend(second_logits?.to_vec2::<f32>()?);
+    outcome.attribute(first_moe.report.into_outcomes(), &lengths(first), 0);
+    outcome.attribute(second_moe.report.into_outcomes(), &lengths(second), split);
+    Ok(outcome)
+}
+
+fn lengths(chunks: &[SequenceChunk<'_>]) -> Vec<usize> {
+    chunks.iter().map(|chunk| chunk.tokens.len()).collect()
+}
+
+impl StepOutcome {
+    /// Turns a batch's row indices into chunk indices: the batch holds
+    /// chunks of `lengths` rows, in order, from chunk `offset` of the step.
+    fn attribute(&mut self, rows: RowOutcomes, lengths: &[usize], offset: usize) {
+        let ends: Vec<usize> = lengths
+            .iter()
+            .scan(0, |end, length| {
+                *end += length;
+                Some(*end)
+            })
+            .collect();
+        let chunk_of = |row: u32| offset + ends.partition_point(|&end| end <= row as usize);
+        for (failed_rows, err) in rows.failed {
+            for row in failed_rows {
+                let chunk = chunk_of(row);
+                if !self.failed.iter().any(|(failed, _)| *failed == chunk) {
+                    self.failed.push((chunk, err.duplicate()));
+                }
+            }
+        }
+        for (rerouted_rows, expert) in rows.rerouted {
+            for row in rerouted_rows {
+                let entry = (chunk_of(row), expert);
+                if !self.rerouted.contains(&entry) {
+                    self.rerouted.push(entry);
+                }
+            }
+        }
+    }
 }
 
 /// Where to cut `chunks` into two micro-batches of about half the tokens
@@ -110,6 +164,27 @@ mod tests {
         );
         // One chunk holds nearly everything: no useful split.
         assert_eq!(split_of(&[1, 1000], 256), 0);
+    }
+
+    #[test]
+    fn rows_are_attributed_to_the_chunks_that_hold_them() {
+        let mut outcome = StepOutcome::default();
+        let rows = RowOutcomes {
+            failed: vec![
+                (vec![0, 4], RouterError::ExpertUnavailable("e1".into())),
+                (vec![5], RouterError::ExpertUnavailable("e2".into())),
+            ],
+            rerouted: vec![(vec![1, 2], 7), (vec![2], 7)],
+        };
+        // Chunks of 1, 3 and 2 rows, the second micro-batch from chunk 10.
+        outcome.attribute(rows, &[1, 3, 2], 10);
+        let failed: Vec<(usize, String)> = outcome
+            .failed
+            .iter()
+            .map(|(chunk, err)| (*chunk, err.to_string()))
+            .collect();
+        assert_eq!(failed, vec![(10, "e1".into()), (12, "e1".into())]);
+        assert_eq!(outcome.rerouted, vec![(11, 7)]);
     }
 
     #[test]

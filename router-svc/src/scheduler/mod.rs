@@ -16,10 +16,11 @@ mod running;
 use std::sync::Arc;
 use std::time::Duration;
 
-use attention_svc::{Engine, MoeLayer, SequenceChunk};
+use attention_svc::{Engine, SequenceChunk};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::RouterError;
+use crate::dispatch::StepMoe;
 use crate::sampling::Sampler;
 use crate::stats::RouterStats;
 
@@ -30,8 +31,17 @@ use running::{ModelLimits, Running};
 /// What the scheduler tells a request's stream.
 #[derive(Debug)]
 pub enum SequenceEvent {
-    Token { id: u32, logprob: f32 },
-    Finished(Finish),
+    /// `degraded`: experts whose rows of this sequence went to next-best
+    /// experts since the previous event (usually none).
+    Token {
+        id: u32,
+        logprob: f32,
+        degraded: Vec<u32>,
+    },
+    Finished {
+        finish: Finish,
+        degraded: Vec<u32>,
+    },
     Failed(RouterError),
 }
 
@@ -138,7 +148,7 @@ pub fn spawn<M>(
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<SchedulerHandle>
 where
-    M: MoeLayer<Error = RouterError> + Send + 'static,
+    M: StepMoe + Send + 'static,
 {
     let model = engine.config();
     let budget = KvBudget {
@@ -204,11 +214,7 @@ impl Scheduler {
         }
     }
 
-    async fn run<M: MoeLayer<Error = RouterError>>(
-        mut self,
-        mut queue: mpsc::Receiver<Queued>,
-        moe: &M,
-    ) {
+    async fn run<M: StepMoe>(mut self, mut queue: mpsc::Receiver<Queued>, moe: &M) {
         loop {
             let first = if self.running.is_idle() {
                 match queue.recv().await {
@@ -233,7 +239,7 @@ impl Scheduler {
         }
     }
 
-    async fn step<M: MoeLayer<Error = RouterError>>(&mut self, chunks: &[plan::Chunk], moe: &M) {
+    async fn step<M: StepMoe>(&mut self, chunks: &[plan::Chunk], moe: &M) {
         let rows: usize = chunks.iter().map(|chunk| chunk.tokens.len()).sum();
         let _span = tracing::debug_span!("step", sequences = chunks.len(), rows).entered();
         self.stats.record_step(chunks.len(), rows);
@@ -252,7 +258,16 @@ impl Scheduler {
         .await;
         drop(sequence_chunks);
         match result {
-            Ok(logits) => self.running.advance(chunks, &logits),
+            Ok(outcome) => {
+                if !outcome.failed.is_empty() {
+                    tracing::warn!(
+                        failed = outcome.failed.len(),
+                        sequences = chunks.len(),
+                        "an expert could not serve some rows; ending their sequences"
+                    );
+                }
+                self.running.settle(chunks, outcome);
+            }
             Err(err) => {
                 tracing::warn!(%err, sequences = chunks.len(), "step failed; ending its sequences");
                 self.running.fail(chunks, || err.duplicate());

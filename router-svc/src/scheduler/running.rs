@@ -9,6 +9,7 @@ use attention_svc::SequenceCache;
 use tokio::sync::mpsc;
 
 use super::finish::{AfterToken, Finish, Limits};
+use super::micro_batch::StepOutcome;
 use super::plan::{Candidate, Chunk, Pending, plan_step};
 use super::{GenerationRequest, Queued, SequenceEvent};
 
@@ -66,6 +67,8 @@ pub(super) struct Sequence {
     generated: usize,
     /// The last sampled token: the input of the next decode step.
     last_token: Option<u32>,
+    /// Experts missing from its steps since its last event (rerouted).
+    degraded: Vec<u32>,
     done: bool,
 }
 
@@ -85,6 +88,7 @@ impl Sequence {
             prefilled: 0,
             generated: 0,
             last_token: None,
+            degraded: Vec::new(),
             done: false,
         }
     }
@@ -139,18 +143,37 @@ impl Sequence {
             .limits(model)
             .after_token(token, self.generated, &model.eos_tokens)
         {
-            AfterToken::Continue => self.emit(SequenceEvent::Token { id: token, logprob }),
+            AfterToken::Continue => self.token(token, logprob),
             AfterToken::SendThenFinish(finish) => {
-                self.emit(SequenceEvent::Token { id: token, logprob });
+                self.token(token, logprob);
                 self.finish(finish);
             }
             AfterToken::FinishWithoutIt(finish) => self.finish(finish),
         }
     }
 
+    fn token(&mut self, id: u32, logprob: f32) {
+        let degraded = std::mem::take(&mut self.degraded);
+        self.emit(SequenceEvent::Token {
+            id,
+            logprob,
+            degraded,
+        });
+    }
+
     fn finish(&mut self, finish: Finish) {
-        self.emit(SequenceEvent::Finished(finish));
+        let degraded = std::mem::take(&mut self.degraded);
+        self.emit(SequenceEvent::Finished { finish, degraded });
         self.done = true;
+    }
+
+    /// Some of its rows went to next-best experts because `expert` had no
+    /// ready replica.
+    fn degrade(&mut self, expert: usize) {
+        let expert = expert as u32;
+        if !self.degraded.contains(&expert) {
+            self.degraded.push(expert);
+        }
     }
 }
 
@@ -252,11 +275,23 @@ impl Running {
             })
     }
 
-    /// Takes in a step's logits, one row per chunk, in order.
-    pub(super) fn advance(&mut self, chunks: &[Chunk], logits: &[Vec<f32>]) {
-        for (chunk, logits) in chunks.iter().zip(logits) {
+    /// Takes in a step's outcome: sequences whose rows an expert could not
+    /// serve fail, the others advance.
+    pub(super) fn settle(&mut self, chunks: &[Chunk], outcome: StepOutcome) {
+        for (chunk, expert) in outcome.rerouted {
+            self.sequences[chunks[chunk].sequence].degrade(expert);
+        }
+        let mut failed = outcome.failed;
+        for (index, (chunk, logits)) in chunks.iter().zip(&outcome.logits).enumerate() {
             let sequence = &mut self.sequences[chunk.sequence];
-            sequence.advance(chunk.tokens.len(), logits, &self.model);
+            match failed.iter().position(|(failed, _)| *failed == index) {
+                Some(position) => {
+                    let (_, err) = failed.swap_remove(position);
+                    sequence.emit(SequenceEvent::Failed(err));
+                    sequence.done = true;
+                }
+                None => sequence.advance(chunk.tokens.len(), logits, &self.model),
+            }
         }
     }
 
@@ -335,8 +370,11 @@ mod tests {
         let mut seen = Vec::new();
         while let Ok(event) = receiver.try_recv() {
             seen.push(match event {
+                SequenceEvent::Token { id, degraded, .. } if !degraded.is_empty() => {
+                    format!("token {id} without {degraded:?}")
+                }
                 SequenceEvent::Token { id, .. } => format!("token {id}"),
-                SequenceEvent::Finished(finish) => format!("{finish:?}"),
+                SequenceEvent::Finished { finish, .. } => format!("{finish:?}"),
                 SequenceEvent::Failed(err) => format!("failed: {err}"),
             });
         }
@@ -354,7 +392,13 @@ mod tests {
             }
             steps.push(chunks.iter().map(|chunk| chunk.tokens.len()).collect());
             let logits = vec![choosing(token); chunks.len()];
-            running.advance(&chunks, &logits);
+            running.settle(
+                &chunks,
+                StepOutcome {
+                    logits,
+                    ..StepOutcome::default()
+                },
+            );
             running.remove_finished();
         }
     }
@@ -431,7 +475,13 @@ mod tests {
     fn run_one_step(running: &mut Running) {
         let chunks = running.plan(8);
         let logits = vec![choosing(3); chunks.len()];
-        running.advance(&chunks, &logits);
+        running.settle(
+            &chunks,
+            StepOutcome {
+                logits,
+                ..StepOutcome::default()
+            },
+        );
         running.remove_finished();
     }
 
@@ -536,5 +586,31 @@ mod tests {
             err.contains("needs 300 bytes of KV cache") && err.contains("(250)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_failed_expert_call_ends_only_the_sequences_whose_rows_it_held() {
+        let mut running = Running::new(4, model(), KvBudget::unbounded());
+        let (first, mut first_events) = request(vec![1, 2], 4);
+        let (second, mut second_events) = request(vec![3], 4);
+        let (third, mut third_events) = request(vec![4], 4);
+        for request in [first, second, third] {
+            admit_one(&mut running, request);
+        }
+        let chunks = running.plan(8);
+        assert_eq!(chunks.len(), 3);
+        running.settle(
+            &chunks,
+            StepOutcome {
+                logits: vec![choosing(3); 3],
+                failed: vec![(1, RouterError::ExpertUnavailable("expert 5 is gone".into()))],
+                rerouted: vec![(2, 5)],
+            },
+        );
+        running.remove_finished();
+        assert_eq!(events(&mut first_events), vec!["token 3"]);
+        assert_eq!(events(&mut second_events), vec!["failed: expert 5 is gone"]);
+        assert_eq!(events(&mut third_events), vec!["token 3 without [5]"]);
+        assert_eq!(running.len(), 2);
     }
 }

@@ -1,0 +1,157 @@
+//! What a replica's supervisor, its endpoint actor and the picker share:
+//! the replica's state, the checked connection messages may go on, and its
+//! load.
+//!
+//! Only the supervisor opens a [`Session`], after Describe matched on that
+//! very connection; the actor sends only on the current session's channel.
+//! A channel never reconnects behind the check: when its stream or its
+//! health watch breaks, the session ends and the next one is checked anew.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::LoadTracker;
+use super::picker::ReplicaLoad;
+
+/// Where a replica is in its life, as the router sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReplicaState {
+    /// Connecting, or checking what it serves.
+    Connecting = 0,
+    /// Checked and SERVING: takes messages.
+    Ready = 1,
+    /// Reports NOT_SERVING: finishes what it has, takes nothing new.
+    Draining = 2,
+    /// Unreachable; reconnected with backoff.
+    Down = 3,
+    /// Serves something else than the router expects (another checkpoint,
+    /// expert or layers); checked again with backoff.
+    Refused = 4,
+    /// No longer listed by its source; dropped once its messages end.
+    Removed = 5,
+}
+
+impl ReplicaState {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            1 => Self::Ready,
+            2 => Self::Draining,
+            3 => Self::Down,
+            4 => Self::Refused,
+            5 => Self::Removed,
+            _ => Self::Connecting,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+            Self::Down => "down",
+            Self::Refused => "refused",
+            Self::Removed => "removed",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A connection whose Describe matched. `generation` tells sessions of the
+/// same replica apart, so that a failure reported late cannot end a newer one.
+#[derive(Clone)]
+pub struct Session {
+    pub generation: u64,
+    pub channel: Channel,
+}
+
+pub struct Link {
+    state: AtomicU8,
+    session: watch::Sender<Option<Session>>,
+    /// The generation whose connection the actor saw fail.
+    lost: watch::Sender<u64>,
+    pub load: Arc<LoadTracker>,
+    /// Bumped on every state change of any replica of the router: wakes
+    /// messages waiting for a ready replica, and the coverage check.
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl Link {
+    pub fn new(changed: Arc<watch::Sender<u64>>) -> Self {
+        Self {
+            state: AtomicU8::new(ReplicaState::Connecting as u8),
+            session: watch::Sender::new(None),
+            lost: watch::Sender::new(0),
+            load: Arc::default(),
+            changed,
+        }
+    }
+
+    pub fn state(&self) -> ReplicaState {
+        ReplicaState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, state: ReplicaState) {
+        let previous = self.state.swap(state as u8, Ordering::AcqRel);
+        if previous != state as u8 {
+            self.changed.send_modify(|version| *version += 1);
+        }
+    }
+
+    /// What the picker weighs.
+    pub fn load(&self) -> ReplicaLoad {
+        ReplicaLoad {
+            ready: self.state() == ReplicaState::Ready,
+            ..self.load.load()
+        }
+    }
+
+    /// The checked connection to send on, if any.
+    pub fn session(&self) -> Option<Session> {
+        self.session.borrow().clone()
+    }
+
+    /// The generation of the current session (0: none).
+    pub fn generation(&self) -> u64 {
+        self.session
+            .borrow()
+            .as_ref()
+            .map_or(0, |session| session.generation)
+    }
+
+    /// A checked connection takes work from now on.
+    pub fn open(&self, session: Session) {
+        self.session.send_replace(Some(session));
+        self.set_state(ReplicaState::Ready);
+    }
+
+    /// Ends the current session, if any, leaving the replica in `state`.
+    pub fn close(&self, state: ReplicaState) {
+        self.session.send_replace(None);
+        self.set_state(state);
+    }
+
+    /// The actor's stream on `generation`'s connection failed: the replica
+    /// takes nothing more until its supervisor has reconnected and checked
+    /// it again.
+    pub fn report_lost(&self, generation: u64) {
+        if generation != 0 && self.generation() == generation {
+            self.close(ReplicaState::Down);
+            self.lost.send_replace(generation);
+        }
+    }
+
+    /// Resolves once the actor reports `generation` lost.
+    pub async fn lost(&self, generation: u64) {
+        let mut lost = self.lost.subscribe();
+        let _ = lost.wait_for(|&lost| lost == generation).await;
+    }
+}

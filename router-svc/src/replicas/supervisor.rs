@@ -1,0 +1,209 @@
+//! One task per replica: connect, check `Describe` on that connection,
+//! then follow its gRPC health (`Watch`) — SERVING takes work, NOT_SERVING
+//! drains — until the connection breaks or the actor reports it lost; then
+//! back off and start over. A replica is never sent a message on a
+//! connection that was not checked.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moe_model::ModelConfig;
+use moe_proto::transport;
+use moe_proto::v1::{DescribeRequest, DescribeResponse, expert_server};
+use tokio::sync::{Notify, watch};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+
+use super::backoff::Backoff;
+use super::link::{Link, ReplicaState, Session};
+use crate::stats::RouterStats;
+
+/// What every replica must report.
+pub struct Expected {
+    pub config: ModelConfig,
+    pub fingerprint: String,
+}
+
+/// Which replica this is.
+pub struct Supervised {
+    pub label: Arc<str>,
+    pub uri: String,
+    pub expert: usize,
+    pub layers: Range<usize>,
+}
+
+/// How long one connection attempt or Describe may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs until `removed` turns true.
+pub async fn supervise(
+    replica: Supervised,
+    link: Arc<Link>,
+    expected: Arc<Expected>,
+    stats: Arc<RouterStats>,
+    mut removed: watch::Receiver<bool>,
+    connection_failed: Arc<Notify>,
+) {
+    let mut backoff = Backoff::default();
+    let mut generation = 0u64;
+    let mut last_problem = String::new();
+    loop {
+        link.set_state(ReplicaState::Connecting);
+        let outcome = tokio::select! {
+            outcome = session(&replica, &link, &expected, &mut generation, &mut backoff) => outcome,
+            _ = removed.wait_for(|removed| *removed) => break,
+        };
+        let (state, problem) = match outcome {
+            Ended::Lost(problem) => (ReplicaState::Down, problem),
+            Ended::Refused(problem) => {
+                stats.record_replica_refused();
+                (ReplicaState::Refused, problem)
+            }
+        };
+        link.close(state);
+        if state == ReplicaState::Down {
+            connection_failed.notify_one();
+        }
+        if problem != last_problem {
+            tracing::warn!(replica = %replica.label, %state, %problem, "replica out of service");
+            last_problem = problem;
+        }
+        let wait = backoff.next(&mut rand::rng());
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = removed.wait_for(|removed| *removed) => break,
+        }
+    }
+    link.close(ReplicaState::Removed);
+}
+
+enum Ended {
+    /// Unreachable, or the connection broke.
+    Lost(String),
+    /// Reachable but serving something else.
+    Refused(String),
+}
+
+/// One connection's life: check it, then serve while its health says so.
+async fn session(
+    replica: &Supervised,
+    link: &Link,
+    expected: &Expected,
+    generation: &mut u64,
+    backoff: &mut Backoff,
+) -> Ended {
+    let channel = match connect(&replica.uri).await {
+        Ok(channel) => channel,
+        Err(problem) => return Ended::Lost(problem),
+    };
+    match describe(&channel).await {
+        Ok(described) => {
+            if let Err(problem) = check(replica, &described, expected) {
+                return Ended::Refused(problem);
+            }
+        }
+        Err(problem) => return Ended::Lost(problem),
+    }
+    let mut health = match HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: expert_server::SERVICE_NAME.to_owned(),
+        })
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => return Ended::Lost(format!("health watch: {}", status.message())),
+    };
+    *generation += 1;
+    let this = *generation;
+    let mut opened = false;
+    loop {
+        let update = tokio::select! {
+            update = health.message() => update,
+            () = link.lost(this) => return Ended::Lost("its Forward stream failed".into()),
+        };
+        match update {
+            Ok(Some(HealthCheckResponse { status })) if status == ServingStatus::Serving as i32 => {
+                if !opened {
+                    tracing::info!(replica = %replica.label, generation = this, "replica ready");
+                    opened = true;
+                    backoff.reset();
+                }
+                link.open(Session {
+                    generation: this,
+                    channel: channel.clone(),
+                });
+            }
+            Ok(Some(_)) => {
+                // Keep the session: the replica finishes what it was sent.
+                tracing::info!(replica = %replica.label, "replica draining");
+                link.set_state(ReplicaState::Draining);
+            }
+            Ok(None) => return Ended::Lost("it closed its health stream".into()),
+            Err(status) => return Ended::Lost(format!("health stream: {}", status.message())),
+        }
+    }
+}
+
+async fn connect(uri: &str) -> Result<Channel, String> {
+    let endpoint = transport::endpoint(uri).map_err(|err| err.to_string())?;
+    match tokio::time::timeout(CHECK_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(err)) => Err(format!("cannot connect: {}", error_chain(&err))),
+        Err(_) => Err(format!("cannot connect within {CHECK_TIMEOUT:?}")),
+    }
+}
+
+async fn describe(channel: &Channel) -> Result<DescribeResponse, String> {
+    let mut client = transport::expert_client(channel.clone());
+    match tokio::time::timeout(CHECK_TIMEOUT, client.describe(DescribeRequest {})).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(format!("Describe failed: {}", status.message())),
+        Err(_) => Err(format!("no answer to Describe within {CHECK_TIMEOUT:?}")),
+    }
+}
+
+/// The innermost cause reads best ("Connection refused").
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
+}
+
+/// Whether a replica serves what the router expects of it.
+pub fn check(
+    replica: &Supervised,
+    described: &DescribeResponse,
+    expected: &Expected,
+) -> Result<(), String> {
+    let label = &replica.label;
+    if described.model_fingerprint != expected.fingerprint {
+        return Err(format!(
+            "{label} serves another checkpoint (fingerprint {}, router has {})",
+            described.model_fingerprint, expected.fingerprint
+        ));
+    }
+    let served = described.layer_start as usize..described.layer_end as usize;
+    if described.expert as usize != replica.expert || served != replica.layers {
+        return Err(format!(
+            "{label} serves expert {} layers {served:?}, but the cluster expects expert {} layers {:?}",
+            described.expert, replica.expert, replica.layers
+        ));
+    }
+    let config = &expected.config;
+    if described.hidden_size as usize != config.hidden_size
+        || described.intermediate_size as usize != config.intermediate_size
+        || described.num_experts as usize != config.num_local_experts
+    {
+        return Err(format!(
+            "{label} reports a model shape that differs from the router's"
+        ));
+    }
+    Ok(())
+}
