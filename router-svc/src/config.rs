@@ -105,13 +105,14 @@ pub struct Args {
     pub sched_batch: bool,
 }
 
-/// What happens to rows whose expert has no ready replica.
+/// What happens to rows whose expert has no ready replica: `Fail`, the
+/// requests that need it end with UNAVAILABLE naming it; `Reroute`, its
+/// rows go to their next-best ready experts and the requests are flagged
+/// degraded. (The variants carry no doc comments so that `--help` keeps
+/// its one-line form.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnExpertDown {
-    /// The requests that need it end with UNAVAILABLE naming it.
     Fail,
-    /// Its rows go to their next-best ready experts; the requests are
-    /// flagged degraded.
     Reroute,
 }
 
