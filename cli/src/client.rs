@@ -15,6 +15,11 @@ pub struct Completion {
     pub text: String,
     pub finish_reason: String,
     pub usage: Usage,
+    /// Experts that had no ready replica while the request ran, whose rows
+    /// went to next-best experts (`--on-expert-down reroute`); empty when
+    /// the request was served in full.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing_experts: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -54,6 +59,9 @@ pub async fn generate(
         completion.text.push_str(&message.text);
         if message.finish_reason != 0 {
             completion.finish_reason = finish_reason_name(message.finish_reason);
+        }
+        if let Some(degraded) = &message.degraded {
+            completion.missing_experts = degraded.missing_experts.clone();
         }
         if let Some(usage) = message.usage {
             completion.usage = Usage {

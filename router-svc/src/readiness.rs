@@ -36,28 +36,36 @@ pub async fn follow_coverage(
     draining: watch::Receiver<bool>,
 ) {
     let mut changes = sets.subscribe();
-    let mut last: Option<Result<(), String>> = None;
+    let mut last_missing: Option<Vec<String>> = None;
     loop {
         let coverage = sets.coverage();
-        if last.as_ref() != Some(&coverage) {
+        if last_missing.as_ref() != Some(&coverage.missing) {
             let starting = startup.borrow().is_err();
-            match &coverage {
-                Ok(()) => tracing::info!("every expert has a ready replica; serving"),
+            let why = coverage.explain();
+            if coverage.is_complete() {
+                tracing::info!("every expert has a ready replica; serving");
+            } else if starting {
                 // Replicas answer one by one at start: only a loss is news.
-                Err(why) if starting => tracing::debug!(%why, "not serving yet"),
-                Err(why) => tracing::warn!(%why, "not serving"),
+                tracing::debug!(%why, "not serving yet");
+            } else {
+                tracing::warn!(%why, "not serving");
             }
             if starting {
-                let _previous = startup.send_replace(coverage.clone());
+                let now = if coverage.is_complete() {
+                    Ok(())
+                } else {
+                    Err(why)
+                };
+                let _previous = startup.send_replace(now);
             }
             if !*draining.borrow() {
                 transport::set_serving::<InferenceServer<InferenceService>>(
                     &health,
-                    coverage.is_ok(),
+                    coverage.is_complete(),
                 )
                 .await;
             }
-            last = Some(coverage);
+            last_missing = Some(coverage.missing);
         }
         if changes.changed().await.is_err() {
             return;

@@ -121,6 +121,13 @@ impl ExpertBackend for DistributedExperts {
         loop {
             changes.borrow_and_update();
             let Some(replica) = self.sets.pick(expert, layer, &tried) else {
+                if let Some(err) =
+                    last_error.take_if(|_| self.sets.pick(expert, layer, &[]).is_some())
+                {
+                    // Every ready replica had the message and failed it
+                    // (one that hangs stays ready): no point waiting.
+                    return Err(err);
+                }
                 let given_up = &self.given_up[expert];
                 let deadline =
                     *wait_until.get_or_insert_with(|| Instant::now() + self.policy.no_replica_wait);

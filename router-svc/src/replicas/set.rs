@@ -174,10 +174,9 @@ impl ReplicaSets {
         self.changed.subscribe()
     }
 
-    /// `Ok` when every (expert, layer) has a ready replica; otherwise the
-    /// uncovered ones, named.
-    pub fn coverage(&self) -> Result<(), String> {
-        let mut missing = Vec::new();
+    /// Which experts (and layers) have no ready replica now.
+    pub fn coverage(&self) -> Coverage {
+        let mut coverage = Coverage::default();
         for (expert, set) in self.per_expert.iter().enumerate() {
             let set = read(set);
             let uncovered: Vec<usize> = (0..self.num_layers)
@@ -188,23 +187,17 @@ impl ReplicaSets {
                     })
                 })
                 .collect();
-            if let (Some(first), Some(last)) = (uncovered.first(), uncovered.last()) {
+            if let (Some(&first), Some(&last)) = (uncovered.first(), uncovered.last()) {
                 let layers = if uncovered.len() == self.num_layers {
                     String::new()
                 } else {
                     format!(" at layers {first}..={last}")
                 };
-                missing.push(format!(
-                    "expert {expert}{layers} has no ready replica ({})",
-                    describe_states(&set)
-                ));
+                coverage.missing.push(format!("expert {expert}{layers}"));
+                coverage.states.push(describe_states(&set));
             }
         }
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(missing.join("; "))
-        }
+        coverage
     }
 
     /// Each replica of `expert` and its state, for an error message.
@@ -231,6 +224,31 @@ impl ReplicaSets {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+}
+
+/// The experts without a ready replica, and what their replicas are doing.
+#[derive(Debug, Default)]
+pub struct Coverage {
+    /// "expert 3", or "expert 3 at layers 0..=7": what changes it is news.
+    pub missing: Vec<String>,
+    /// Each missing one's replicas and their states, for the log.
+    states: Vec<String>,
+}
+
+impl Coverage {
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty()
+    }
+
+    /// Why the router is not serving, replica by replica.
+    pub fn explain(&self) -> String {
+        self.missing
+            .iter()
+            .zip(&self.states)
+            .map(|(expert, states)| format!("{expert} has no ready replica ({states})"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
