@@ -34,9 +34,9 @@ const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 const BUDGET_RATIO: f32 = 0.1;
 const BUDGET_FLOOR_PER_SEC: u32 = 20;
 
-/// A try that is not the last waits this many times the replica's latency
-/// estimate, but never less than [`ATTEMPT_FLOOR`], before the message is
-/// sent elsewhere.
+/// A try that is not the last, while another replica is ready, waits this
+/// many times the replica's latency estimate, but never less than
+/// [`ATTEMPT_FLOOR`], before the message is sent elsewhere.
 const ATTEMPT_LATENCY_FACTOR: u32 = 8;
 const ATTEMPT_FLOOR: Duration = Duration::from_secs(1);
 
@@ -143,7 +143,10 @@ impl ExpertBackend for DistributedExperts {
             };
             self.given_up[expert].store(false, Ordering::Relaxed);
             let last_try = tried.len() as u32 >= self.policy.retries;
-            let timeout = if last_try {
+            // With no other replica to turn to, waiting less than the full
+            // timeout would only fail the message sooner.
+            let alone = self.sets.ready_count(expert, layer) <= 1;
+            let timeout = if last_try || alone {
                 self.settings.timeout
             } else {
                 let estimate = replica.link.load().latency * ATTEMPT_LATENCY_FACTOR;

@@ -169,6 +169,19 @@ impl ReplicaSets {
         picker::pick(&loads, &mut rand::rng()).map(|index| candidates[index].clone())
     }
 
+    /// How many replicas of (`expert`, `layer`) are ready now.
+    pub fn ready_count(&self, expert: usize, layer: usize) -> usize {
+        self.per_expert.get(expert).map_or(0, |set| {
+            read(set)
+                .iter()
+                .filter(|replica| {
+                    replica.key.layers.contains(&layer)
+                        && replica.link.state() == ReplicaState::Ready
+                })
+                .count()
+        })
+    }
+
     /// Resolves at the next change of any replica's state.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
