@@ -101,7 +101,7 @@ fn worth_another_replica(err: &RouterError) -> bool {
 
 impl ExpertBackend for DistributedExperts {
     fn has_ready_replica(&self, expert: usize, layer: usize) -> bool {
-        self.sets.pick(expert, layer, &[]).is_some()
+        self.sets.ready_count(expert, layer) > 0
     }
 
     async fn run(
@@ -121,8 +121,7 @@ impl ExpertBackend for DistributedExperts {
         loop {
             changes.borrow_and_update();
             let Some(replica) = self.sets.pick(expert, layer, &tried) else {
-                if let Some(err) =
-                    last_error.take_if(|_| self.sets.pick(expert, layer, &[]).is_some())
+                if let Some(err) = last_error.take_if(|_| self.sets.ready_count(expert, layer) > 0)
                 {
                     // Every ready replica had the message and failed it
                     // (one that hangs stays ready): no point waiting.

@@ -91,6 +91,7 @@ impl ReplicaSets {
     /// take work once checked), missing ones stop taking work.
     pub fn reconcile(&self, desired: &[ReplicaKey]) {
         let wanted: HashSet<&ReplicaKey> = desired.iter().collect();
+        let mut changed = false;
         for (expert, set) in self.per_expert.iter().enumerate() {
             let mut set = write(set);
             set.retain(|replica| {
@@ -102,6 +103,7 @@ impl ReplicaSets {
                     );
                     replica.removed.send_replace(true);
                     replica.link.close(ReplicaState::Removed);
+                    changed = true;
                 }
                 keep
             });
@@ -109,10 +111,13 @@ impl ReplicaSets {
                 if !set.iter().any(|replica| replica.key == *key) {
                     tracing::info!(expert, layers = ?key.layers, uri = %key.uri, "replica added");
                     set.push(self.start(key.clone()));
+                    changed = true;
                 }
             }
         }
-        self.changed.send_modify(|version| *version += 1);
+        if changed {
+            self.changed.send_modify(|version| *version += 1);
+        }
     }
 
     fn start(&self, key: ReplicaKey) -> Arc<Replica> {
