@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use moe::client::Completion;
 use moe::launcher::{Cluster, ReplicaCount};
-use moe_e2e::{assert_same_completion, describe, generate, greedy, start_with, stats, within};
+use moe_e2e::{
+    HealthWatch, ServingStatus, assert_same_completion, describe, generate, greedy, start_with,
+    stats, within,
+};
 use rand::Rng;
 
 /// These tests each run dozens of processes: one at a time, or the two
@@ -127,6 +130,68 @@ async fn replicas_killed_at_random_under_load_fail_nothing_and_change_nothing() 
         resent > 0,
         "{kills} kills under load, yet no message was re-sent"
     );
+
+    // How long a killed replica takes to take work again: the launcher's
+    // restart, then the router's reconnection and check.
+    let slot = &cluster.experts[0];
+    let restarts = slot.restarts();
+    let killed_at = Instant::now();
+    assert!(slot.kill());
+    within("the replica restarts", slot.wait_restarted(restarts))
+        .await
+        .expect("the launcher restarts it");
+    until_ready_in_router(&uri, &slot.uri()).await;
+    eprintln!(
+        "a SIGKILLed replica was ready in the router again {:?} after the kill",
+        killed_at.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_only_replica_restarted_within_the_wait_costs_a_pause_not_a_request() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let model = moe_e2e::tiny_checkpoint();
+    let cluster = start_with(model.path(), |_| {}).await;
+    let uri = cluster.router_uri();
+    let reference = generate(&uri, request(1))
+        .await
+        .expect("the healthy cluster answers");
+    let mut health = HealthWatch::open(&uri).await;
+    health.until(ServingStatus::Serving).await;
+
+    // Expert 3's only process dies while a request needs it; the launcher
+    // brings it back within --no-replica-wait.
+    let mut client = moe::client::connect(&uri).await.unwrap();
+    let mut stream = client
+        .generate(request(1))
+        .await
+        .expect("admitted")
+        .into_inner();
+    let first = stream.message().await.expect("a token").expect("a token");
+    let restarts = cluster.experts[3].restarts();
+    assert!(cluster.experts[3].kill());
+    health.until(ServingStatus::NotServing).await;
+    within(
+        "expert 3 restarts",
+        cluster.experts[3].wait_restarted(restarts),
+    )
+    .await
+    .expect("the launcher restarts it");
+    health.until(ServingStatus::Serving).await;
+
+    let mut completion = Completion {
+        token_ids: first.token_ids,
+        logprobs: first.logprobs,
+        ..Completion::default()
+    };
+    while let Some(message) = within("the request goes on", stream.message())
+        .await
+        .expect("the request outlives the restart")
+    {
+        completion.token_ids.extend(message.token_ids);
+        completion.logprobs.extend(message.logprobs);
+    }
+    assert_same_completion("across a restart", &completion, &reference, TOLERANCE);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,6 +317,10 @@ async fn with_reroute_an_expert_without_replicas_costs_quality_not_requests() {
 
     assert!(cluster.experts[3].kill());
     cluster.experts[3].wait_exited().await;
+    HealthWatch::open(&uri)
+        .await
+        .until(ServingStatus::NotServing)
+        .await;
     let runs = futures::future::join_all((0..4).map(|index| generate(&uri, request(index)))).await;
     for run in runs {
         let completion = run.expect("rerouted rather than failed");
