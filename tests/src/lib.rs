@@ -96,6 +96,15 @@ pub async fn start(model: &Path, mode: ExpertMode) -> Cluster {
     start_in(model, mode, &[]).await
 }
 
+/// A cluster on [`quiet_options`] as `configure` changes them, e.g.
+/// `start_with(model, |o| o.restart_experts = false)` for experts that
+/// stay dead once killed.
+pub async fn start_with(model: &Path, configure: impl FnOnce(&mut ClusterOptions)) -> Cluster {
+    let mut options = quiet_options(model);
+    configure(&mut options);
+    Cluster::start(&options).await.expect("cluster starts")
+}
+
 /// A cluster in `mode` whose router gets `router_args` besides the usual.
 pub async fn start_in(model: &Path, mode: ExpertMode, router_args: &[&str]) -> Cluster {
     let options = ClusterOptions {

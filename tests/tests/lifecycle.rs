@@ -6,7 +6,7 @@ use std::time::Duration;
 use moe::launcher::ExpertTransport;
 use moe_e2e::{
     HealthWatch, ServingStatus, collect, describe, generate, greedy, spawn_router, stalling_client,
-    start_expert, start_over, start_with_router_args, tiny_checkpoint, within,
+    start_expert, start_with, start_with_router_args, tiny_checkpoint, within,
 };
 use moe_proto::ListenAddr;
 use tonic::Code;
@@ -105,7 +105,7 @@ async fn router_refuses_an_expert_of_another_checkpoint() {
 
 /// SIGTERM: the router stops taking requests but finishes the running one,
 /// then exits cleanly; an expert drains and exits too, and removes its Unix
-/// socket.
+/// socket (the launcher's restarts are off, or it would bind it again).
 ///
 /// The running request is read through a [`stalling_client`], so it cannot
 /// finish before the test reads it: it is certainly still running when the
@@ -118,7 +118,11 @@ async fn router_refuses_an_expert_of_another_checkpoint() {
 async fn sigterm_drains_then_exits() {
     const MAX_TOKENS: usize = 300;
     let model = tiny_checkpoint();
-    let mut cluster = start_over(model.path(), ExpertTransport::Unix).await;
+    let mut cluster = start_with(model.path(), |options| {
+        options.expert_transport = ExpertTransport::Unix;
+        options.restart_experts = false;
+    })
+    .await;
     let uri = cluster.router_uri();
     let mut client = stalling_client(&uri).await;
     let mut stream = within(
@@ -173,16 +177,16 @@ async fn sigterm_drains_then_exits() {
         .unwrap();
     assert!(status.success(), "router exit: {status}");
 
-    let expert = &mut cluster.experts[0];
+    let expert = &cluster.experts[0];
     let ListenAddr::Unix(socket) = expert.addr.clone() else {
         panic!("expert 0 listens on {}, not a Unix socket", expert.addr)
     };
     assert!(socket.exists(), "{} is missing", socket.display());
-    expert.terminate();
-    let status = tokio::time::timeout(Duration::from_secs(20), expert.wait())
+    assert!(expert.terminate(), "expert 0 was running");
+    let status = tokio::time::timeout(Duration::from_secs(20), expert.wait_exited())
         .await
         .unwrap()
-        .unwrap();
+        .expect("expert 0's exit status");
     assert!(status.success(), "expert exit: {status}");
     assert!(!socket.exists(), "{} left behind", socket.display());
 }

@@ -1,10 +1,12 @@
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use moe::launcher::{Cluster, ClusterOptions, ExpertTransport, ReplicaCount};
+use moe::launcher::{Cluster, ClusterOptions, ExpertEvent, ExpertTransport, ReplicaCount};
 use moe_proto::ExpertMode;
+use tokio::sync::broadcast::{self, error::RecvError};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -69,10 +71,30 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             expert.pid().unwrap_or(0)
         );
     }
+    // An expert that exits is restarted (and said so here); only the
+    // router's exit ends the cluster.
+    let events = cluster.events();
     tokio::select! {
         _ = moe_proto::transport::shutdown_signal() => println!("stopping"),
-        exited = cluster.any_exit() => eprintln!("{exited}; stopping the cluster"),
+        exited = cluster.router_exited() => match exited {
+            Ok(status) => eprintln!("router-svc exited ({status}); stopping the cluster"),
+            Err(err) => eprintln!("router-svc: {err}; stopping the cluster"),
+        },
+        never = print_events(events) => match never {},
     }
     cluster.shutdown(Duration::from_secs(10)).await;
     Ok(())
+}
+
+/// Prints what happens to the expert processes for as long as the
+/// cluster runs.
+async fn print_events(mut events: broadcast::Receiver<ExpertEvent>) -> Infallible {
+    loop {
+        match events.recv().await {
+            Ok(event) => println!("{event}"),
+            Err(RecvError::Lagged(missed)) => println!("({missed} expert events missed)"),
+            // Only once the cluster is gone, which `run` waits for first.
+            Err(RecvError::Closed) => return std::future::pending().await,
+        }
+    }
 }
