@@ -3,6 +3,7 @@
 //! utilisation of the machine's measured matrix-product rate, and what the
 //! router's counters say about bytes and messages on the wire.
 
+pub mod faults;
 pub mod flops;
 pub mod load;
 pub mod targets;
@@ -15,6 +16,7 @@ use moe_proto::v1::{ModelInfoRequest, StatsRequest, StatsResponse};
 use moe_proto::{ExpertMode, WireDType};
 use serde::{Serialize, Serializer};
 
+pub use faults::{FaultReport, Faults, KillLog};
 pub use flops::{ModelShape, Peak, measure_peak};
 pub use load::{Latency, Measurement, Target, closed_loop};
 pub use targets::{Grpc, OpenAi};
@@ -59,6 +61,9 @@ pub struct RunReport {
     /// Distributed moe-serve only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wire: Option<WireReport>,
+    /// The processes killed during the run (`--kill-every`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub faults: Option<FaultReport>,
 }
 
 /// Traffic between router and experts during the run, from the router's
@@ -148,17 +153,21 @@ pub async fn run<T: Target>(
         model_flops_per_s,
         utilisation: model_flops_per_s / peak.flops_per_s,
         wire: None,
+        faults: None,
     }
 }
 
 /// Runs `workload` against a moe-serve router at `uri`, after a warm-up,
-/// reading its counters before and after.
+/// reading its counters before and after; with `faults`, kills expert
+/// processes while the measured requests run, and waits for every one to
+/// be back before it returns.
 pub async fn run_grpc(
     uri: &str,
     workload: &Workload,
     prompts: &[Prompt],
     shape: &ModelShape,
     peak: &Peak,
+    faults: Option<&Faults<'_>>,
 ) -> anyhow::Result<RunReport> {
     let target = Grpc::connect(uri).await?;
     let mut client = target.client();
@@ -169,15 +178,32 @@ pub async fn run_grpc(
         .map_err(|err| anyhow::anyhow!("the router at {uri} reports {err}"))?;
     warm_up(&target, prompts).await?;
     let before = client.stats(StatsRequest {}).await?.into_inner();
-    let mut report = run(
+    let measured = run(
         RunMode::MoeServe(mode),
         &target,
         workload,
         prompts,
         shape,
         peak,
-    )
-    .await;
+    );
+    let mut report = match faults {
+        None => measured.await,
+        Some(faults) => {
+            let restarts_before = faults.restarts();
+            let kills = KillLog::default();
+            let mut report = tokio::select! {
+                report = measured => report,
+                never = faults.kill_randomly(&kills) => match never {},
+            };
+            faults.wait_healed(&kills).await?;
+            report.faults = Some(FaultReport {
+                kill_every_s: faults.kill_every.as_secs_f64(),
+                kills: kills.len(),
+                restarts: faults.restarts() - restarts_before,
+            });
+            report
+        }
+    };
     let after = client.stats(StatsRequest {}).await?.into_inner();
     report.wire = WireReport::between(&before, &after, shape);
     Ok(report)

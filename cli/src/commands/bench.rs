@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use moe::bench::{self, ModelShape, Peak, Prompt, RunMode, RunReport, Workload};
+use moe::bench::{self, Faults, ModelShape, Peak, Prompt, RunMode, RunReport, Workload};
 use moe::launcher::{Cluster, ClusterOptions, ExpertTransport, ReplicaCount};
 use moe_model::ModelConfig;
 use moe_proto::ExpertMode;
@@ -75,6 +75,26 @@ pub struct BenchArgs {
     /// Extra flags for router-svc, e.g. --router-arg=--wire-dtype=bf16.
     #[arg(long = "router-arg", allow_hyphen_values = true)]
     pub router_args: Vec<String>,
+    /// A test tool: SIGKILLs a random expert replica every SECS seconds
+    /// during the measured run, to measure latency under faults; the
+    /// launcher restarts it. Distributed clusters this command starts
+    /// only; failed requests are counted, not fatal.
+    #[arg(long, value_name = "SECS", requires = "model", conflicts_with_all = ["addr", "openai"],
+        value_parser = parse_seconds)]
+    pub kill_every: Option<Duration>,
+}
+
+/// A positive, finite number of seconds, fractions allowed.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    // NaN, infinities and negatives are try_from_secs_f64's to refuse.
+    if seconds == 0.0 {
+        return Err(format!("{text:?}: expected more than 0 seconds"));
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|err| format!("{text:?}: {err}"))
 }
 
 /// What `--json` prints.
@@ -114,7 +134,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bench::warm_up(&target, &prompts).await?;
         vec![bench::run(RunMode::OpenAi, &target, &workload, &prompts, &shape, &peak).await]
     } else if let Some(addr) = &args.addr {
-        vec![bench::run_grpc(addr, &workload, &prompts, &shape, &peak).await?]
+        vec![bench::run_grpc(addr, &workload, &prompts, &shape, &peak, None).await?]
     } else {
         expert_transport = Some(args.expert_transport);
         run_on_clusters(&args, &workload, &prompts, &shape, &peak).await?
@@ -138,9 +158,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         print_table(&report);
     }
+    // Under --kill-every, failures are what is being measured.
     let failed: usize = report
         .runs
         .iter()
+        .filter(|r| r.faults.is_none())
         .map(|r| r.measurement.requests_failed)
         .sum();
     anyhow::ensure!(failed == 0, "{failed} requests failed");
@@ -220,8 +242,22 @@ async fn run_on_clusters(
             order.reverse();
         }
         for cluster in order {
-            let mut run =
-                bench::run_grpc(&cluster.router_uri(), workload, prompts, shape, peak).await?;
+            // Only the distributed cluster has expert processes to kill.
+            let faults = args.kill_every.map(|kill_every| Faults {
+                experts: &cluster.experts,
+                kill_every,
+                seed: args.seed,
+            });
+            let faults = faults.as_ref().filter(|f| !f.experts.is_empty());
+            let mut run = bench::run_grpc(
+                &cluster.router_uri(),
+                workload,
+                prompts,
+                shape,
+                peak,
+                faults,
+            )
+            .await?;
             run.round = in_process.is_some().then_some(round);
             runs.push(run);
         }
@@ -287,6 +323,16 @@ fn print_table(report: &Report) {
             run.model_flops_per_s / 1e9,
             run.utilisation * 100.0
         );
+        if let Some(faults) = &run.faults {
+            println!(
+                "  faults: {} expert processes killed (one every {:.1}s), {} restarted; {} of {} requests failed",
+                faults.kills,
+                faults.kill_every_s,
+                faults.restarts,
+                m.requests_failed,
+                m.requests_ok + m.requests_failed
+            );
+        }
         if let Some(error) = &m.first_error {
             println!("  first failure: {error}");
         }
@@ -312,5 +358,19 @@ fn print_table(report: &Report) {
             "distributed / in-process throughput: {ratio:.3} (by round: {})",
             rounds.join(", ")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_every_takes_positive_fractional_seconds() {
+        assert_eq!(parse_seconds("0.25"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_seconds("3"), Ok(Duration::from_secs(3)));
+        for bad in ["0", "-1", "nan", "inf", "soon", ""] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?}");
+        }
     }
 }
