@@ -39,8 +39,12 @@ pub async fn follow_coverage(
     let mut last_missing: Option<Vec<String>> = None;
     loop {
         let coverage = sets.coverage();
+        let starting = startup.borrow().is_err();
+        if starting && !coverage.is_complete() {
+            // Clients turned away at start learn the latest reason.
+            let _previous = startup.send_replace(Err(coverage.explain()));
+        }
         if last_missing.as_ref() != Some(&coverage.missing) {
-            let starting = startup.borrow().is_err();
             let why = coverage.explain();
             if coverage.is_complete() {
                 tracing::info!("every expert has a ready replica; serving");

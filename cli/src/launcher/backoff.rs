@@ -23,8 +23,11 @@ impl RestartBackoff {
     pub const INITIAL: Duration = Duration::from_millis(100);
     /// The longest delay: a crash loop retries this often.
     pub const MAX: Duration = Duration::from_secs(5);
-    /// Uptime after which a process counts as having been healthy.
-    pub const RESET_AFTER: Duration = Duration::from_secs(10);
+    /// Uptime after which a process counts as having been healthy: short,
+    /// because a process killed from outside (an OOM kill, a chaos test)
+    /// is not a crash loop, and its replicas' requests wait for it
+    /// (router-svc's `--no-replica-wait`, 5 s by default).
+    pub const RESET_AFTER: Duration = Duration::from_secs(2);
 
     /// The delay before restarting a process that exited after `uptime`
     /// (zero for a restart that failed before the process listened).
@@ -63,13 +66,13 @@ mod tests {
     }
 
     #[test]
-    fn a_process_that_stayed_up_ten_seconds_restarts_fast_again() {
+    fn a_process_that_stayed_up_two_seconds_restarts_fast_again() {
         let mut backoff = RestartBackoff::default();
         for _ in 0..4 {
             backoff.next_delay(Duration::ZERO);
         }
-        assert_eq!(backoff.next_delay(ms(9_999)), ms(1600));
-        assert_eq!(backoff.next_delay(Duration::from_secs(10)), ms(100));
+        assert_eq!(backoff.next_delay(ms(1_999)), ms(1600));
+        assert_eq!(backoff.next_delay(Duration::from_secs(2)), ms(100));
         assert_eq!(backoff.next_delay(ms(10)), ms(200));
         assert_eq!(backoff.next_delay(Duration::from_secs(60)), ms(100));
     }

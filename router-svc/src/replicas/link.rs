@@ -7,8 +7,8 @@
 //! A channel never reconnects behind the check: when its stream or its
 //! health watch breaks, the session ends and the next one is checked anew.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -75,6 +75,9 @@ pub struct Session {
 
 pub struct Link {
     state: AtomicU8,
+    /// Why it is out of service, when it is: what errors and the router's
+    /// not-ready answers say of it.
+    problem: Mutex<Option<String>>,
     session: watch::Sender<Option<Session>>,
     /// The generation whose connection the actor saw fail.
     lost: watch::Sender<u64>,
@@ -88,6 +91,7 @@ impl Link {
     pub fn new(changed: Arc<watch::Sender<u64>>) -> Self {
         Self {
             state: AtomicU8::new(ReplicaState::Connecting as u8),
+            problem: Mutex::new(None),
             session: watch::Sender::new(None),
             lost: watch::Sender::new(0),
             load: Arc::default(),
@@ -104,6 +108,18 @@ impl Link {
         if previous != state as u8 {
             self.changed.send_modify(|version| *version += 1);
         }
+    }
+
+    /// Records why the replica is out of service (`None`: it is not).
+    pub fn set_problem(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// What the picker weighs.

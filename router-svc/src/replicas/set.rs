@@ -275,7 +275,15 @@ fn describe_states(set: &[Arc<Replica>]) -> String {
         return "none listed".into();
     }
     set.iter()
-        .map(|replica| format!("{} {}", replica.key.uri, replica.link.state()))
+        .map(|replica| {
+            let state = replica.link.state();
+            match replica.link.problem() {
+                Some(problem) if state != ReplicaState::Ready => {
+                    format!("{} {state}: {problem}", replica.label())
+                }
+                _ => format!("{} {state}", replica.label()),
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

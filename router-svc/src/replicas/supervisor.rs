@@ -63,6 +63,7 @@ pub async fn supervise(
                 (ReplicaState::Refused, problem)
             }
         };
+        link.set_problem(Some(problem.clone()));
         link.close(state);
         if state == ReplicaState::Down {
             connection_failed.notify_one();
@@ -128,6 +129,7 @@ async fn session(
             Ok(Some(HealthCheckResponse { status })) if status == ServingStatus::Serving as i32 => {
                 if !opened {
                     tracing::info!(replica = %replica.label, generation = this, "replica ready");
+                    link.set_problem(None);
                     opened = true;
                     backoff.reset();
                 }
@@ -176,23 +178,23 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     message
 }
 
-/// Whether a replica serves what the router expects of it.
+/// Whether a replica serves what the router expects of it; if not, what
+/// it serves instead.
 pub fn check(
     replica: &Supervised,
     described: &DescribeResponse,
     expected: &Expected,
 ) -> Result<(), String> {
-    let label = &replica.label;
     if described.model_fingerprint != expected.fingerprint {
         return Err(format!(
-            "{label} serves another checkpoint (fingerprint {}, router has {})",
+            "serves another checkpoint (fingerprint {}, router has {})",
             described.model_fingerprint, expected.fingerprint
         ));
     }
     let served = described.layer_start as usize..described.layer_end as usize;
     if described.expert as usize != replica.expert || served != replica.layers {
         return Err(format!(
-            "{label} serves expert {} layers {served:?}, but the cluster expects expert {} layers {:?}",
+            "serves expert {} layers {served:?}, but the cluster expects expert {} layers {:?}",
             described.expert, replica.expert, replica.layers
         ));
     }
@@ -201,9 +203,7 @@ pub fn check(
         || described.intermediate_size as usize != config.intermediate_size
         || described.num_experts as usize != config.num_local_experts
     {
-        return Err(format!(
-            "{label} reports a model shape that differs from the router's"
-        ));
+        return Err("reports a model shape that differs from the router's".into());
     }
     Ok(())
 }
