@@ -90,6 +90,19 @@ impl RouterError {
         )
     }
 
+    /// The same failure, its message followed by `note` in parentheses
+    /// (for the failures that a re-send answers; others are returned as
+    /// they are).
+    pub fn with_note(self, note: &str) -> Self {
+        let noted = |message: String| format!("{message} ({note})");
+        match self {
+            Self::ExpertUnavailable(m) => Self::ExpertUnavailable(noted(m)),
+            Self::ExpertTimeout(m) => Self::ExpertTimeout(noted(m)),
+            Self::Overloaded(m) => Self::Overloaded(noted(m)),
+            other => other,
+        }
+    }
+
     /// A copy for each of the requests one failure ends (a failed step ends
     /// every sequence in it).
     pub fn duplicate(&self) -> Self {

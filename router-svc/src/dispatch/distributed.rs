@@ -163,9 +163,7 @@ impl ExpertBackend for DistributedExperts {
                 }
                 Err(err) if !last_try && worth_another_replica(&err) => {
                     if !self.budget.withdraw() {
-                        return Err(RouterError::ExpertUnavailable(format!(
-                            "{err} (not re-sent: the retry budget is spent)"
-                        )));
+                        return Err(err.with_note("not re-sent: the retry budget is spent"));
                     }
                     tracing::debug!(replica = replica.label(), %err, layer, "re-sending a message to another replica");
                     self.stats.record_resend();
