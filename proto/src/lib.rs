@@ -7,6 +7,7 @@
 #[cfg(not(target_endian = "little"))]
 compile_error!("the tensor codec sends host memory as little-endian bytes");
 
+pub mod dial_once;
 pub mod expert_mode;
 pub mod listen;
 pub mod tensor_codec;

@@ -78,8 +78,12 @@ fn expert_svc_layers(text: &str) -> Result<Range<usize>, RouterError> {
 
 /// Reads a cluster file.
 pub fn read_cluster_file(path: &Path) -> Result<Vec<ExpertEndpoint>, RouterError> {
-    let text = std::fs::read_to_string(path)?;
-    let file: ClusterFile = serde_json::from_str(&text)
+    parse_cluster_file(&std::fs::read_to_string(path)?, path)
+}
+
+/// Parses the text of the cluster file at `path` (named in errors).
+pub fn parse_cluster_file(text: &str, path: &Path) -> Result<Vec<ExpertEndpoint>, RouterError> {
+    let file: ClusterFile = serde_json::from_str(text)
         .map_err(|err| RouterError::invalid(format!("cluster file {}: {err}", path.display())))?;
     file.experts
         .iter()

@@ -2,8 +2,9 @@
 //! (expert, layer) has had a ready replica; from then on its gRPC health
 //! follows coverage — NOT_SERVING (with the reason in its log) while some
 //! expert has no ready replica, SERVING again once it has — so that a
-//! load balancer or Kubernetes sends clients elsewhere meanwhile.
-//! Requests already admitted wait for the replica (`--no-replica-wait`).
+//! load balancer or Kubernetes sends clients elsewhere meanwhile. Requests
+//! that still arrive are admitted, and their rows wait for the replica
+//! (`--no-replica-wait`) like those of running requests.
 
 use std::sync::Arc;
 
@@ -68,6 +69,11 @@ pub async fn follow_coverage(
                     coverage.is_complete(),
                 )
                 .await;
+                if *draining.borrow() {
+                    // The drain began meanwhile: it owns the status.
+                    transport::set_serving::<InferenceServer<InferenceService>>(&health, false)
+                        .await;
+                }
             }
             last_missing = Some(coverage.missing);
         }

@@ -1,20 +1,25 @@
 //! The distributed mode: each message goes to one ready replica of its
-//! expert, chosen by load; a message whose replica fails is sent again to
-//! another, so that a replica lost mid-step costs the step a retry rather
-//! than its requests. Experts hold no per-request state, so any replica can
-//! answer any message, and an answer does not depend on which did.
+//! expert, chosen by load. A message whose replica fails is sent again to
+//! another, and one whose replica is slow to answer is also sent to another
+//! (a hedge: the first answer wins), so that a replica lost or stalled
+//! mid-step costs the step a re-send rather than its requests. Experts hold
+//! no per-request state, so any replica can answer any message; replicas of
+//! one expert are expected to compute alike (the same checkpoint, which the
+//! supervisor checks, on the same kind of device and dtype).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use moe_proto::tensor_codec;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use super::{DispatchSettings, ExpertBackend};
 use crate::RouterError;
-use crate::replicas::set::{ReplicaSets, Tried};
+use crate::replicas::set::{Replica, ReplicaSets, Tried};
 use crate::stats::RouterStats;
 
 /// How hard the router tries before a message fails.
@@ -34,18 +39,20 @@ const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 const BUDGET_RATIO: f32 = 0.1;
 const BUDGET_FLOOR_PER_SEC: u32 = 20;
 
-/// A try that is not the last, while another replica is ready, waits this
-/// many times the replica's latency estimate, but never less than
-/// [`ATTEMPT_FLOOR`], before the message is sent elsewhere.
-const ATTEMPT_LATENCY_FACTOR: u32 = 8;
-const ATTEMPT_FLOOR: Duration = Duration::from_secs(1);
+/// A message not answered within this many times its replica's latency
+/// estimate, and never less than [`HEDGE_FLOOR`], is also sent to another
+/// ready replica (when one is, and the retry budget allows); the first
+/// answer wins. Every try may take the full `--expert-timeout-secs`.
+const HEDGE_LATENCY_FACTOR: u32 = 8;
+const HEDGE_FLOOR: Duration = Duration::from_secs(1);
 
 pub struct DistributedExperts {
     sets: Arc<ReplicaSets>,
-    /// Per expert: a message has already waited out `no_replica_wait` for
-    /// it, and it has had no ready replica since. Messages for it fail (or
-    /// reroute) at once rather than each waiting again.
-    given_up: Vec<AtomicBool>,
+    /// Per expert and layer: a message has already waited out
+    /// `no_replica_wait` for it, and it has had no ready replica since.
+    /// Messages for it fail (or reroute) at once rather than each waiting
+    /// again.
+    given_up: Vec<Vec<AtomicBool>>,
     settings: DispatchSettings,
     policy: FailoverPolicy,
     budget: TpsBudget,
@@ -61,7 +68,11 @@ impl DistributedExperts {
     ) -> Self {
         Self {
             given_up: (0..sets.num_experts())
-                .map(|_| AtomicBool::new(false))
+                .map(|_| {
+                    (0..sets.num_layers())
+                        .map(|_| AtomicBool::new(false))
+                        .collect()
+                })
                 .collect(),
             sets,
             settings,
@@ -112,66 +123,113 @@ impl ExpertBackend for DistributedExperts {
     ) -> Result<Vec<f32>, RouterError> {
         let width = self.settings.hidden_size;
         let count = rows.len() / width;
-        // Encoded once: a re-send shares the same bytes.
+        // Encoded once: every try shares the same bytes.
         let hidden = tensor_codec::encode_rows(rows, width, self.settings.wire_dtype);
+        let send = |replica: Arc<Replica>| {
+            let hidden = hidden.clone();
+            async move {
+                let result = replica
+                    .client
+                    .forward(layer, hidden, count, self.settings.timeout)
+                    .await;
+                (replica, result)
+            }
+        };
+        let given_up = &self.given_up[expert][layer];
         let mut tried: Vec<Tried> = Vec::new();
-        let mut last_error = None;
+        let mut in_flight = FuturesUnordered::new();
+        let mut last_error: Option<RouterError> = None;
         let mut wait_until: Option<Instant> = None;
-        let mut changes = self.sets.subscribe();
+        // When the newest try is due a hedge; `None`: no hedge for it.
+        let mut hedge_at: Option<Instant> = None;
         loop {
-            changes.borrow_and_update();
-            let Some(replica) = self.sets.pick(expert, layer, &tried) else {
-                if let Some(err) = last_error.take_if(|_| self.sets.ready_count(expert, layer) > 0)
-                {
-                    // Every ready replica had the message and failed it
-                    // (one that hangs stays ready): no point waiting.
-                    return Err(err);
-                }
-                let given_up = &self.given_up[expert];
-                let deadline =
-                    *wait_until.get_or_insert_with(|| Instant::now() + self.policy.no_replica_wait);
-                if given_up.load(Ordering::Relaxed)
-                    || tokio::time::timeout_at(deadline, changes.changed())
-                        .await
-                        .is_err()
-                {
-                    given_up.store(true, Ordering::Relaxed);
-                    return Err(self.no_replica(expert, layer, last_error));
-                }
-                continue;
-            };
-            self.given_up[expert].store(false, Ordering::Relaxed);
-            let last_try = tried.len() as u32 >= self.policy.retries;
-            // With no other replica to turn to, waiting less than the full
-            // timeout would only fail the message sooner.
-            let alone = self.sets.ready_count(expert, layer) <= 1;
-            let timeout = if last_try || alone {
-                self.settings.timeout
-            } else {
-                let estimate = replica.link.load().latency * ATTEMPT_LATENCY_FACTOR;
-                estimate.max(ATTEMPT_FLOOR).min(self.settings.timeout)
-            };
-            let generation = replica.link.generation();
-            match replica
-                .client
-                .forward(layer, hidden.clone(), count, timeout)
-                .await
-            {
-                Ok(output) => {
-                    self.budget.deposit();
-                    return Ok(output);
-                }
-                Err(err) if !last_try && worth_another_replica(&err) => {
-                    if !self.budget.withdraw() {
-                        return Err(err.with_note("not re-sent: the retry budget is spent"));
+            if in_flight.is_empty() {
+                let Some(replica) = self.sets.pick(expert, layer, &tried) else {
+                    // Subscribed, then looked at again: no change between
+                    // the two goes unseen.
+                    let mut changes = self.sets.subscribe();
+                    if self.sets.pick(expert, layer, &tried).is_some() {
+                        continue;
                     }
-                    tracing::debug!(replica = replica.label(), %err, layer, "re-sending a message to another replica");
-                    self.stats.record_resend();
-                    tried.push(Tried::new(replica, generation));
-                    last_error = Some(err);
+                    if let Some(err) =
+                        last_error.take_if(|_| self.sets.ready_count(expert, layer) > 0)
+                    {
+                        // Every ready replica had the message and failed it.
+                        return Err(err);
+                    }
+                    let deadline = *wait_until
+                        .get_or_insert_with(|| Instant::now() + self.policy.no_replica_wait);
+                    if given_up.load(Ordering::Relaxed)
+                        || tokio::time::timeout_at(deadline, changes.changed())
+                            .await
+                            .is_err()
+                    {
+                        given_up.store(true, Ordering::Relaxed);
+                        return Err(self.no_replica(expert, layer, last_error));
+                    }
+                    continue;
+                };
+                if given_up.load(Ordering::Relaxed) {
+                    given_up.store(false, Ordering::Relaxed);
                 }
-                Err(err) => return Err(err),
+                hedge_at = self.hedge_time(&replica, tried.len());
+                tried.push(Tried::new(replica.clone(), replica.link.generation()));
+                in_flight.push(send(replica));
+            }
+            let hedge_due = async {
+                match hedge_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some((replica, result)) = in_flight.next() => match result {
+                    Ok(output) => {
+                        self.budget.deposit();
+                        return Ok(output);
+                    }
+                    Err(err) if worth_another_replica(&err) => {
+                        tracing::debug!(replica = replica.label(), %err, layer, "expert message failed");
+                        last_error = Some(err);
+                        if !in_flight.is_empty() {
+                            // A hedge is still out: its answer will do.
+                            continue;
+                        }
+                        let err = last_error.take().expect("just set");
+                        if tried.len() as u32 > self.policy.retries {
+                            return Err(err);
+                        }
+                        if !self.budget.withdraw() {
+                            return Err(err.with_note("not re-sent: the retry budget is spent"));
+                        }
+                        self.stats.record_resend();
+                        last_error = Some(err);
+                    }
+                    Err(err) => return Err(err),
+                },
+                () = hedge_due => {
+                    hedge_at = None;
+                    let another = self.sets.pick(expert, layer, &tried);
+                    if let Some(replica) = another.filter(|_| self.budget.withdraw()) {
+                        tracing::debug!(replica = replica.label(), layer, "hedging a slow expert message");
+                        self.stats.record_resend();
+                        hedge_at = self.hedge_time(&replica, tried.len());
+                        tried.push(Tried::new(replica.clone(), replica.link.generation()));
+                        in_flight.push(send(replica));
+                    }
+                }
             }
         }
+    }
+}
+
+impl DistributedExperts {
+    /// When a try sent to `replica`, the `tries`-th, is also sent elsewhere
+    /// if still unanswered; `None` when no try may follow.
+    fn hedge_time(&self, replica: &Replica, tries: usize) -> Option<Instant> {
+        ((tries as u32) < self.policy.retries).then(|| {
+            let estimate = replica.link.load().latency * HEDGE_LATENCY_FACTOR;
+            Instant::now() + estimate.max(HEDGE_FLOOR)
+        })
     }
 }

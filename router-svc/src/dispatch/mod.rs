@@ -216,7 +216,8 @@ impl<B: ExpertBackend> MoeDispatcher<B> {
 
     /// Serves again, from scratch, the rows of experts that had no ready
     /// replica: each row goes to its best `k` experts among those that
-    /// have one, weights renormalised over them.
+    /// have one, weights renormalised over them. Returns the rows that
+    /// could not be served even so (no usable expert, or a failed call).
     async fn reroute(
         &self,
         layer: usize,
@@ -224,8 +225,7 @@ impl<B: ExpertBackend> MoeDispatcher<B> {
         missing: &[usize],
         (values, width, device): (&[f32], usize, &candle_core::Device),
         combined: &mut [f32],
-        report: &RowReport,
-    ) -> Result<(), RouterError> {
+    ) -> Result<Vec<(Vec<u32>, RouterError)>, RouterError> {
         let subset = gather_rows(values, width, &rows);
         let hidden = Tensor::from_vec(subset, (rows.len(), width), device)?;
         let usable = |expert: usize| {
@@ -243,15 +243,33 @@ impl<B: ExpertBackend> MoeDispatcher<B> {
                 .copy_from_slice(&sub_combined[sub_row * width..(sub_row + 1) * width]);
         }
         self.stats.record_rerouted(rows.len());
-        for (index, err) in failed {
-            let lost: Vec<u32> = routed[index]
-                .rows
-                .iter()
-                .map(|&r| rows[r as usize])
-                .collect();
-            report.record(|outcomes| outcomes.failed.push((lost, err)));
+        let original =
+            |sub_rows: &[u32]| -> Vec<u32> { sub_rows.iter().map(|&r| rows[r as usize]).collect() };
+        let mut lost: Vec<(Vec<u32>, RouterError)> = failed
+            .into_iter()
+            .map(|(index, err)| (original(&routed[index].rows), err))
+            .collect();
+        let mut served = vec![false; rows.len()];
+        for expert_rows in &routed {
+            for &row in &expert_rows.rows {
+                served[row as usize] = true;
+            }
         }
-        Ok(())
+        let unserved: Vec<u32> = (0..rows.len() as u32)
+            .filter(|&row| !served[row as usize])
+            .collect();
+        if !unserved.is_empty() {
+            lost.push((
+                original(&unserved),
+                RouterError::NoReplica {
+                    expert: missing[0],
+                    message: format!(
+                        "experts {missing:?} have no ready replica, nor does any other expert at layer {layer}"
+                    ),
+                },
+            ));
+        }
+        Ok(lost)
     }
 }
 
@@ -278,6 +296,7 @@ impl<B: ExpertBackend> StepMoe for MoeDispatcher<B> {
             .dispatch(layer, &routed, &values, width, &mut combined)
             .await?;
         let mut missing = Vec::new();
+        let mut lost: Vec<(Vec<u32>, RouterError)> = Vec::new();
         for (index, err) in failed {
             let expert_rows = &routed[index];
             match err {
@@ -287,7 +306,7 @@ impl<B: ExpertBackend> StepMoe for MoeDispatcher<B> {
                     missing.push(expert);
                     report.record(|o| o.rerouted.push((expert_rows.rows.clone(), expert)));
                 }
-                err => report.record(|o| o.failed.push((expert_rows.rows.clone(), err))),
+                err => lost.push((expert_rows.rows.clone(), err)),
             }
         }
         if !missing.is_empty() {
@@ -298,15 +317,25 @@ impl<B: ExpertBackend> StepMoe for MoeDispatcher<B> {
                 .collect();
             rows_to_reroute.sort_unstable();
             rows_to_reroute.dedup();
-            self.reroute(
-                layer,
-                rows_to_reroute,
-                &missing,
-                (&values, width, hidden.device()),
-                &mut combined,
-                report,
-            )
-            .await?;
+            // Rerouted rows are computed anew: their earlier failures on
+            // other experts no longer count, only the reroute's own.
+            for (failed_rows, _) in &mut lost {
+                failed_rows.retain(|row| rows_to_reroute.binary_search(row).is_err());
+            }
+            lost.retain(|(failed_rows, _)| !failed_rows.is_empty());
+            let rerouting_failed = self
+                .reroute(
+                    layer,
+                    rows_to_reroute,
+                    &missing,
+                    (&values, width, hidden.device()),
+                    &mut combined,
+                )
+                .await?;
+            lost.extend(rerouting_failed);
+        }
+        if !lost.is_empty() {
+            report.record(|o| o.failed.extend(lost));
         }
         Ok(Tensor::from_vec(combined, (rows, width), hidden.device())?)
     }

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
 use crate::RouterError;
+use crate::replicas::InFlight;
 use crate::replicas::link::{Link, Session};
 use crate::stats::RouterStats;
 
@@ -38,6 +39,15 @@ struct Call {
     layer: u32,
     hidden: moe_proto::v1::Tensor,
     reply: Reply,
+    /// Held until the replica answers or its stream ends, even when the
+    /// caller has stopped waiting: the rows still load the replica.
+    in_flight: InFlight,
+}
+
+/// A call sent and not yet answered.
+struct Pending {
+    reply: Reply,
+    in_flight: InFlight,
 }
 
 /// A handle on the actor that owns one replica's Forward stream.
@@ -82,13 +92,13 @@ impl EndpointClient {
         timeout: Duration,
     ) -> Result<Vec<f32>, RouterError> {
         let width = self.settings.hidden_size;
-        let in_flight = self.link.load.start(rows as u64);
         let (reply, result) = oneshot::channel();
         self.calls
             .try_send(Call {
                 layer: layer as u32,
                 hidden,
                 reply,
+                in_flight: self.link.load.start(rows as u64),
             })
             .map_err(|err| {
                 RouterError::refused(err, || {
@@ -99,7 +109,6 @@ impl EndpointClient {
             Ok(Ok(result)) => result?,
             Ok(Err(_)) => return Err(RouterError::ShuttingDown),
             Err(_) => {
-                in_flight.timed_out();
                 return Err(RouterError::ExpertTimeout(format!(
                     "{} did not answer layer {layer} within {timeout:?}",
                     self.label
@@ -116,7 +125,6 @@ impl EndpointClient {
                 self.label
             )));
         }
-        in_flight.succeeded();
         Ok(output)
     }
 }
@@ -160,21 +168,22 @@ async fn run_actor(
     stats: Arc<RouterStats>,
 ) {
     let mut stream: Option<Stream> = None;
-    let mut pending: HashMap<u64, Reply> = HashMap::new();
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut next_id = 0u64;
     let unavailable = |why: &str| RouterError::ExpertUnavailable(format!("{label}: {why}"));
     loop {
         tokio::select! {
             call = calls.recv() => {
                 let Some(call) = call else { break };
-                let session = link.session();
-                let current = session.as_ref().map_or(0, |session| session.generation);
-                if stream.as_ref().is_some_and(|open| open.generation != current) {
+                // A newer session replaces the stream; none (the replica
+                // was removed) lets the open stream finish its work.
+                let current = link.generation();
+                if current != 0 && stream.as_ref().is_some_and(|open| open.generation != current) {
                     stream = None;
                     fail_all(&mut pending, || unavailable("its connection was replaced"));
                 }
                 if stream.is_none() {
-                    let Some(session) = session else {
+                    let Some(session) = link.session() else {
                         let _ = call.reply.send(Err(unavailable("not connected")));
                         continue;
                     };
@@ -189,7 +198,7 @@ async fn run_actor(
                 }
                 next_id += 1;
                 let batch = ExpertBatch { request_id: next_id, layer: call.layer, hidden: Some(call.hidden) };
-                pending.insert(next_id, call.reply);
+                pending.insert(next_id, Pending { reply: call.reply, in_flight: call.in_flight });
                 stats.record_sent(batch.encoded_len());
                 if let Some(open) = &stream
                     && open.outbound.send(batch).await.is_err()
@@ -203,8 +212,12 @@ async fn run_actor(
                 Some(Ok(message)) => {
                     stats.record_received(message.encoded_len());
                     match pending.remove(&message.request_id) {
-                        Some(reply) => {
-                            let _ = reply.send(outcome(&label, message.result));
+                        Some(Pending { reply, in_flight }) => {
+                            let outcome = outcome(&label, message.result);
+                            if outcome.is_ok() {
+                                in_flight.succeeded();
+                            }
+                            let _ = reply.send(outcome);
                         }
                         None => tracing::warn!(%label, request_id = message.request_id, "a result for no pending call"),
                     }
@@ -225,9 +238,9 @@ async fn run_actor(
     }
 }
 
-fn fail_all(pending: &mut HashMap<u64, Reply>, error: impl Fn() -> RouterError) {
-    for (_, reply) in pending.drain() {
-        let _ = reply.send(Err(error()));
+fn fail_all(pending: &mut HashMap<u64, Pending>, error: impl Fn() -> RouterError) {
+    for (_, call) in pending.drain() {
+        let _ = call.reply.send(Err(error()));
     }
 }
 

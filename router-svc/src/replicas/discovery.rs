@@ -68,10 +68,10 @@ pub async fn run(
     let mut dns: Option<DnsResolver> = None;
     let mut resolved: HashMap<String, Vec<IpAddr>> = HashMap::new();
     let mut last_resolve: Option<Instant> = None;
-    let mut file_text = sources
-        .cluster_file
-        .as_ref()
-        .and_then(|path| std::fs::read_to_string(path).ok());
+    let mut file_text = match &sources.cluster_file {
+        Some(path) => tokio::fs::read_to_string(path).await.ok(),
+        None => None,
+    };
     let mut resolve_now = true;
     loop {
         if resolve_now && Sources::uses_dns(&listed) {
@@ -105,10 +105,16 @@ pub async fn run(
         }
         resolve_now |= Instant::now() >= next_resolve;
         if let Some(path) = &sources.cluster_file {
-            let text = std::fs::read_to_string(path).ok();
+            let text = tokio::fs::read_to_string(path).await.ok();
             if text.is_some() && text != file_text {
                 file_text = text;
-                match sources.listed() {
+                let new_text = file_text.as_deref().unwrap_or_default();
+                let parsed = endpoints::parse_cluster_file(new_text, path).map(|from_file| {
+                    let mut now = sources.flags.clone();
+                    now.extend(from_file);
+                    now
+                });
+                match parsed {
                     Ok(now) => {
                         tracing::info!(path = %path.display(), endpoints = now.len(), "cluster file changed");
                         listed = now;

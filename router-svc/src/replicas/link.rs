@@ -4,8 +4,9 @@
 //!
 //! Only the supervisor opens a [`Session`], after Describe matched on that
 //! very connection; the actor sends only on the current session's channel.
-//! A channel never reconnects behind the check: when its stream or its
-//! health watch breaks, the session ends and the next one is checked anew.
+//! That channel never dials again (`moe_proto::dial_once`): when its
+//! connection breaks, its stream and health watch fail, the session ends,
+//! and the next connection is checked anew.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -143,8 +144,12 @@ impl Link {
             .map_or(0, |session| session.generation)
     }
 
-    /// A checked connection takes work from now on.
+    /// A checked connection takes work from now on, unless the actor has
+    /// already reported it lost.
     pub fn open(&self, session: Session) {
+        if *self.lost.borrow() == session.generation {
+            return;
+        }
         self.session.send_replace(Some(session));
         self.set_state(ReplicaState::Ready);
     }

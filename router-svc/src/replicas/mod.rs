@@ -76,16 +76,6 @@ pub struct InFlight {
 impl InFlight {
     /// The call came back: its latency joins the replica's estimate.
     pub fn succeeded(self) {
-        self.observe();
-    }
-
-    /// No answer in time: the wait so far counts as a latency, so that a
-    /// replica that stopped answering loses its share at once.
-    pub fn timed_out(self) {
-        self.observe();
-    }
-
-    fn observe(&self) {
         let now = Instant::now();
         self.tracker
             .latency()

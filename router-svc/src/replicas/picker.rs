@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
+use super::peak_ewma::DEFAULT_LATENCY;
+
 /// One replica as the picker sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ReplicaLoad {
@@ -23,8 +25,11 @@ pub struct ReplicaLoad {
 
 impl ReplicaLoad {
     /// What sending it more work is expected to cost; lower is better.
+    /// The latency counts as at least [`DEFAULT_LATENCY`], so that rows
+    /// piling up on a replica that stopped answering (whose estimate has
+    /// decayed, nothing having come back) still make it dear.
     pub fn cost(&self) -> f64 {
-        self.latency.as_secs_f64() * (self.in_flight_rows as f64 + 1.0)
+        self.latency.max(DEFAULT_LATENCY).as_secs_f64() * (self.in_flight_rows as f64 + 1.0)
     }
 }
 

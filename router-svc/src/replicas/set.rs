@@ -87,6 +87,10 @@ impl ReplicaSets {
         self.per_expert.len()
     }
 
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
     /// Makes the sets those of `desired`: new replicas are started (and
     /// take work once checked), missing ones stop taking work.
     pub fn reconcile(&self, desired: &[ReplicaKey]) {
@@ -288,8 +292,8 @@ fn describe_states(set: &[Arc<Replica>]) -> String {
         .join(", ")
 }
 
-/// The sets are only ever replaced whole under the lock, so a poisoned
-/// lock still holds a consistent list.
+/// A set is changed only by `retain` and `push` under the lock, each of
+/// which leaves a valid list, so a poisoned lock still holds one.
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|poison| poison.into_inner())
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_model::ModelConfig;
-use moe_proto::transport;
 use moe_proto::v1::{DescribeRequest, DescribeResponse, expert_server};
+use moe_proto::{dial_once, transport};
 use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -122,8 +122,9 @@ async fn session(
     let mut opened = false;
     loop {
         let update = tokio::select! {
-            update = health.message() => update,
+            biased;
             () = link.lost(this) => return Ended::Lost("its Forward stream failed".into()),
+            update = health.message() => update,
         };
         match update {
             Ok(Some(HealthCheckResponse { status })) if status == ServingStatus::Serving as i32 => {
@@ -138,6 +139,9 @@ async fn session(
                     channel: channel.clone(),
                 });
             }
+            Ok(Some(_)) if !opened => {
+                // Not serving yet (still starting): wait for SERVING.
+            }
             Ok(Some(_)) => {
                 // Keep the session: the replica finishes what it was sent.
                 tracing::info!(replica = %replica.label, "replica draining");
@@ -149,9 +153,10 @@ async fn session(
     }
 }
 
+/// A connection that is never silently re-dialled (see
+/// [`moe_proto::dial_once`]): what was checked on it stays true of it.
 async fn connect(uri: &str) -> Result<Channel, String> {
-    let endpoint = transport::endpoint(uri).map_err(|err| err.to_string())?;
-    match tokio::time::timeout(CHECK_TIMEOUT, endpoint.connect()).await {
+    match tokio::time::timeout(CHECK_TIMEOUT, dial_once::connect_once(uri)).await {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(err)) => Err(format!("cannot connect: {}", error_chain(&err))),
         Err(_) => Err(format!("cannot connect within {CHECK_TIMEOUT:?}")),
