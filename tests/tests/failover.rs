@@ -333,3 +333,41 @@ async fn with_reroute_an_expert_without_replicas_costs_quality_not_requests() {
     }
     assert!(stats(&uri).await.rerouted_rows > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_hangs_costs_a_pause_not_a_request() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let model = moe_e2e::tiny_checkpoint();
+    let cluster = start_with(model.path(), |options| {
+        options.replicas = vec![ReplicaCount::Expert {
+            expert: 0,
+            replicas: 2,
+        }];
+    })
+    .await;
+    let uri = cluster.router_uri();
+    let request = || greedy(&[21, 22, 23], 32);
+    let reference = generate(&uri, request())
+        .await
+        .expect("the healthy cluster answers");
+    let before = stats(&uri).await.expert_resends;
+
+    // One of expert 0's replicas stops answering (SIGSTOP) and keeps its
+    // connection: what it holds is hedged on its twin after a second.
+    let hung = cluster
+        .experts
+        .iter()
+        .find(|slot| slot.expert == 0 && slot.replica == 0)
+        .unwrap();
+    assert!(hung.freeze());
+    let completions = futures::future::join_all((0..4).map(|_| generate(&uri, request()))).await;
+    hung.resume();
+    for completion in completions {
+        let completion = completion.expect("a hung replica fails nothing");
+        assert_same_completion("beside a hung replica", &completion, &reference, TOLERANCE);
+    }
+    assert!(
+        stats(&uri).await.expert_resends > before,
+        "nothing was hedged, yet one replica of expert 0 hung"
+    );
+}
