@@ -6,11 +6,12 @@ use std::future::Future;
 
 use candle_core::{Device, Tensor};
 use candle_nn::ops::rms_norm;
-use moe_model::{Checkpoint, ModelConfig};
+use moe_model::{Checkpoint, Kernels, ModelConfig};
 use tracing::Instrument;
 
 use crate::attention::attend;
 use crate::decode_attention::{DecodeRow, Heads, attend_decode_rows};
+use crate::generic_attention;
 use crate::rotary::Rotary;
 use crate::{AttentionError, SequenceCache, SharedWeights, StepError};
 
@@ -40,9 +41,13 @@ pub struct Engine {
     weights: SharedWeights,
     rotary: Rotary,
     device: Device,
+    /// Decode attention through the CPU kernel (fast) or candle (generic).
+    kernels: Kernels,
 }
 
 impl Engine {
+    /// Loads the shared weights onto `device`, to run the fast kernels
+    /// where it has them; [`Engine::with_kernels`] chooses.
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, AttentionError> {
         let config = checkpoint.config().clone();
         Ok(Self {
@@ -50,7 +55,22 @@ impl Engine {
             rotary: Rotary::new(&config, device)?,
             config,
             device: device.clone(),
+            kernels: Kernels::Fast.for_device(device),
         })
+    }
+
+    /// The same engine, computing with `kernels`: on any device but the
+    /// CPU, the generic ones whatever is asked.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self {
+            kernels: kernels.for_device(&self.device),
+            ..self
+        }
+    }
+
+    /// The kernels its steps run.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -173,7 +193,8 @@ impl Engine {
             v.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
         );
         // Every chunk appends its new positions first. Decode rows then go
-        // through the kernel together; prompt chunks through candle.
+        // through one kernel together (the CPU one, or candle's with the
+        // generic kernels); prompt chunks through candle.
         let mut offset = 0;
         let mut decodes = Vec::new();
         for (index, chunk) in chunks.iter_mut().enumerate() {
@@ -189,7 +210,10 @@ impl Engine {
         let decoded = if decodes.is_empty() {
             None
         } else {
-            Some(self.attend_decodes(layer, &q, &decodes, chunks)?)
+            Some(match self.kernels {
+                Kernels::Fast => self.attend_decodes(layer, &q, &decodes, chunks)?,
+                Kernels::Generic => self.attend_decodes_generic(layer, &q, &decodes, chunks)?,
+            })
         };
         if decodes.len() == chunks.len() {
             return Ok(decoded.expect("every chunk is a decode"));
@@ -209,6 +233,29 @@ impl Engine {
             offset += n;
         }
         Ok(Tensor::cat(&outputs, 0)?)
+    }
+
+    /// [`Engine::attend_decodes`] as candle operations only.
+    fn attend_decodes_generic(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        decodes: &[(usize, u32)],
+        chunks: &[SequenceChunk<'_>],
+    ) -> Result<Tensor, AttentionError> {
+        let rows = Tensor::new(
+            decodes.iter().map(|(_, row)| *row).collect::<Vec<_>>(),
+            &self.device,
+        )?;
+        let contexts: Vec<(&[f32], &[f32])> = decodes
+            .iter()
+            .map(|(index, _)| chunks[*index].cache.layer(layer))
+            .collect();
+        Ok(generic_attention::attend_decode_rows(
+            &q.index_select(&rows, 0)?,
+            &contexts,
+            self.config.num_key_value_heads,
+        )?)
     }
 
     /// Attention of the decode rows `decodes` (chunk index, row in `q`),
@@ -250,5 +297,109 @@ impl Engine {
             (decodes.len(), width),
             &self.device,
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::task::{Context, Poll, Waker};
+
+    use moe_model::synth::{self, Preset};
+
+    use super::*;
+
+    /// A MoE half that halves its input, so that each layer's attention
+    /// output reaches the next layer and the logits.
+    struct Halve;
+
+    impl MoeLayer for Halve {
+        type Error = Infallible;
+
+        async fn forward(&self, _layer: usize, hidden: &Tensor) -> Result<Tensor, Infallible> {
+            Ok((hidden * 0.5).expect("halving"))
+        }
+    }
+
+    /// Runs a step whose MoE half never waits.
+    fn block_on<F: Future>(future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        match future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        {
+            Poll::Ready(output) => output,
+            Poll::Pending => panic!("the step waited on nothing"),
+        }
+    }
+
+    /// Per step, the tokens each sequence adds (none: it sits the step
+    /// out): whole prompts, a one-token prompt, a prompt continued in a
+    /// second chunk, a sequence that joins late, then decodes.
+    const STEPS: [[&[u32]; 4]; 5] = [
+        [&[3, 9, 27, 11, 4, 8, 50], &[5], &[7; 12], &[]],
+        [&[2], &[6], &[1, 2, 3, 4, 5], &[9, 8, 7]],
+        [&[12], &[13], &[14], &[15]],
+        [&[16], &[], &[18], &[19]],
+        [&[20], &[21], &[22], &[23]],
+    ];
+
+    /// Every step's logits, flattened, on `engine`.
+    fn run(engine: &Engine) -> Vec<Vec<f32>> {
+        let mut caches: Vec<SequenceCache> = (0..4).map(|_| engine.new_cache()).collect();
+        STEPS
+            .iter()
+            .map(|step| {
+                let mut chunks: Vec<SequenceChunk<'_>> = caches
+                    .iter_mut()
+                    .zip(step)
+                    .filter(|(_, tokens)| !tokens.is_empty())
+                    .map(|(cache, tokens)| SequenceChunk { cache, tokens })
+                    .collect();
+                block_on(engine.step(&mut chunks, &Halve))
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// The whole attention (prompt chunks, chunked prompts and decode
+    /// rows in mixed steps) with the generic kernels against the fast
+    /// ones, for MQA, GQA and MHA. Prompt chunks take the same candle path
+    /// with both; decode rows differ, in summation order only: logits
+    /// (of unit scale) within 1e-4.
+    #[test]
+    fn generic_kernels_give_the_fast_kernels_logits() {
+        for kv_heads in [1, 2, 4] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = ModelConfig {
+                num_hidden_layers: 2,
+                num_key_value_heads: kv_heads,
+                num_local_experts: 2,
+                num_experts_per_tok: 1,
+                ..Preset::Tiny.config(64)
+            };
+            synth::write_config(dir.path(), &config).unwrap();
+            synth::write_weights(dir.path(), &config, 5).unwrap();
+            let checkpoint = Checkpoint::open(dir.path()).unwrap();
+            let fast = Engine::load(&checkpoint, &Device::Cpu).unwrap();
+            assert_eq!(fast.kernels(), Kernels::Fast);
+            let generic = Engine::load(&checkpoint, &Device::Cpu)
+                .unwrap()
+                .with_kernels(Kernels::Generic);
+            assert_eq!(generic.kernels(), Kernels::Generic);
+            for (step, (got, expected)) in run(&generic).iter().zip(run(&fast)).enumerate() {
+                assert_eq!(got.len(), expected.len());
+                for (g, e) in got.iter().zip(&expected) {
+                    assert!(
+                        (g - e).abs() <= 1e-4,
+                        "{kv_heads} kv heads, step {step}: generic {g} vs fast {e}"
+                    );
+                }
+            }
+        }
     }
 }

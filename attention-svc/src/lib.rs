@@ -11,6 +11,7 @@ mod attention;
 mod decode_attention;
 mod engine;
 mod error;
+mod generic_attention;
 mod kv_cache;
 mod rotary;
 mod weights;

@@ -7,6 +7,10 @@
 //! batches measure the memory-bound product, large ones the compute-bound
 //! one. Throughput is in rows (tokens) per second.
 //!
+//! Group `expert_forward` runs the fast kernels (the CPU default),
+//! `expert_forward_generic` the generic ones (`--kernels generic`: candle
+//! operations only, what a GPU runs).
+//!
 //! `cargo bench -p expert-svc --bench expert_forward`
 
 use std::hint::black_box;
@@ -15,7 +19,7 @@ use candle_core::{Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use expert_svc::ExpertWeights;
 use moe_model::synth::{self, Preset};
-use moe_model::{Checkpoint, ModelConfig};
+use moe_model::{Checkpoint, Kernels, ModelConfig};
 
 /// A checkpoint of the small preset's shapes with a single expert.
 fn one_expert_checkpoint(dir: &std::path::Path) -> ModelConfig {
@@ -35,20 +39,27 @@ fn expert_forward(c: &mut Criterion) {
     let config = one_expert_checkpoint(dir.path());
     let checkpoint = Checkpoint::open(dir.path()).unwrap();
     let layers = config.num_hidden_layers;
-    let expert = ExpertWeights::load(&checkpoint, 0, 0..layers, &Device::Cpu).unwrap();
-    let mut group = c.benchmark_group("expert_forward");
-    for rows in [1usize, 4, 8, 9, 16, 64, 256] {
-        let x = Tensor::randn(0f32, 1.0, (rows, config.hidden_size), &Device::Cpu).unwrap();
-        group.throughput(Throughput::Elements(rows as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(rows), &x, |b, x| {
-            let mut layer = 0;
-            b.iter(|| {
-                layer = (layer + 1) % layers;
-                black_box(expert.forward(layer, x).unwrap())
-            })
-        });
+    for (name, kernels) in [
+        ("expert_forward", Kernels::Fast),
+        ("expert_forward_generic", Kernels::Generic),
+    ] {
+        let expert = ExpertWeights::load(&checkpoint, 0, 0..layers, &Device::Cpu)
+            .unwrap()
+            .with_kernels(kernels);
+        let mut group = c.benchmark_group(name);
+        for rows in [1usize, 4, 8, 9, 16, 64, 256] {
+            let x = Tensor::randn(0f32, 1.0, (rows, config.hidden_size), &Device::Cpu).unwrap();
+            group.throughput(Throughput::Elements(rows as u64));
+            group.bench_with_input(BenchmarkId::from_parameter(rows), &x, |b, x| {
+                let mut layer = 0;
+                b.iter(|| {
+                    layer = (layer + 1) % layers;
+                    black_box(expert.forward(layer, x).unwrap())
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group!(benches, expert_forward);

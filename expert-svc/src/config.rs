@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use moe_model::Kernels;
 use moe_proto::ListenAddr;
 
 /// Serve one expert of a Mixture-of-Experts checkpoint over gRPC.
@@ -28,6 +29,10 @@ pub struct Args {
     /// `cpu` or `cuda:N`.
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// `fast` (hand-written CPU kernels where they apply) or `generic`
+    /// (candle operations only, as on a GPU, which always gets them).
+    #[arg(long, env = "MOE_KERNELS", default_value_t = Kernels::Fast)]
+    pub kernels: Kernels,
     /// Seconds to finish in-flight messages after SIGTERM before exiting.
     #[arg(long, env = "MOE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -40,6 +45,7 @@ pub struct Config {
     pub layers: Option<Range<usize>>,
     pub listen: ListenAddr,
     pub device: String,
+    pub kernels: Kernels,
     pub shutdown_grace: Duration,
 }
 
@@ -54,6 +60,7 @@ impl TryFrom<Args> for Config {
             layers,
             listen: args.listen,
             device: args.device,
+            kernels: args.kernels,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         })
     }

@@ -26,14 +26,19 @@ pub async fn run(
         .unwrap_or(0..checkpoint.config().num_hidden_layers);
     let span = tracing::info_span!("expert", expert = config.expert, layers = ?layers);
     let _entered = span.enter();
-    let weights = ExpertWeights::load(&checkpoint, config.expert, layers, &device)?;
+    let weights = ExpertWeights::load(&checkpoint, config.expert, layers, &device)?
+        .with_kernels(config.kernels);
+    let kernels = weights.kernels();
+    if kernels != config.kernels {
+        tracing::info!(device = %config.device, "the fast kernels are CPU-only: running the generic ones");
+    }
     let describe = weights.describe(&checkpoint, &config.device);
     drop(checkpoint);
     let (draining, drain_signal) = transport::drain_switch();
     let service = ExpertService::new(ForwardQueue::new(weights), describe, device, drain_signal);
     let (health, server) = transport::server_with_health_and_reflection();
     transport::set_serving::<ExpertServer<ExpertService>>(&health, true).await;
-    tracing::info!(addr = %listener.local_addr()?, "expert ready");
+    tracing::info!(addr = %listener.local_addr()?, %kernels, "expert ready");
     let server = server.add_service(transport::expert_server(service));
     Ok(transport::serve_then_drain::<ExpertServer<ExpertService>>(
         server,

@@ -1,10 +1,13 @@
 //! One expert's SwiGLU weights for a range of layers: the kernel that both
-//! the expert service and the router's in-process mode run.
+//! the expert service and the router's in-process mode run, in either of
+//! its implementations ([`Kernels`]): the fast one, few-row products
+//! through [`skinny_matmul`] on a CPU with AVX2/FMA, or the generic one,
+//! candle tensor operations only, which runs on any device.
 
 use std::ops::Range;
 
 use candle_core::{DType, Device, Storage, Tensor};
-use moe_model::{Checkpoint, ModelError, layout};
+use moe_model::{Checkpoint, Kernels, ModelError, layout};
 use moe_proto::v1::DescribeResponse;
 
 use crate::ExpertError;
@@ -27,14 +30,17 @@ pub struct ExpertWeights {
     layers: Range<usize>,
     intermediate_size: usize,
     weights: Vec<LayerWeights>,
-    /// Few-row products go through [`skinny_matmul`]: f32 weights on a CPU
-    /// that has its instructions.
+    /// Whether few-row products can go through [`skinny_matmul`]: f32
+    /// weights on a CPU that has its instructions.
     skinny: bool,
+    /// They do only with the fast kernels.
+    kernels: Kernels,
 }
 
 impl ExpertWeights {
     /// Checks and loads `expert`'s matrices for `layers`, touching no other
-    /// tensor of the checkpoint.
+    /// tensor of the checkpoint. It runs the fast kernels where `device`
+    /// has them; [`ExpertWeights::with_kernels`] chooses.
     pub fn load(
         checkpoint: &Checkpoint,
         expert: usize,
@@ -76,7 +82,23 @@ impl ExpertWeights {
             intermediate_size: config.intermediate_size,
             weights,
             skinny,
+            kernels: Kernels::Fast.for_device(device),
         })
+    }
+
+    /// The same weights, computed with `kernels`: on any device but the
+    /// CPU, the generic ones whatever is asked.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        let device = self.weights[0].down.device().clone();
+        Self {
+            kernels: kernels.for_device(&device),
+            ..self
+        }
+    }
+
+    /// The kernels its forward passes run.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Whether this expert serves `layer`; the error names what it serves.
@@ -123,9 +145,20 @@ impl ExpertWeights {
                 self.layers.start, self.layers.end
             ))
         })?;
-        if self.skinny && x.dim(0)? <= skinny_matmul::MAX_ROWS && x.dtype() == DType::F32 {
+        if self.kernels == Kernels::Fast
+            && self.skinny
+            && x.dim(0)? <= skinny_matmul::MAX_ROWS
+            && x.dtype() == DType::F32
+        {
             return self.forward_skinny(weights, x);
         }
+        self.forward_generic(weights, x)
+    }
+
+    /// The SwiGLU as candle tensor operations only: the generic kernel, on
+    /// any device, and the fast kernels' path for many rows (where gemm's
+    /// packing pays for itself).
+    fn forward_generic(&self, weights: &LayerWeights, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate_up = x.matmul(&weights.gate_up)?;
         let gate = gate_up.narrow(1, 0, self.intermediate_size)?;
         let up = gate_up.narrow(1, self.intermediate_size, self.intermediate_size)?;
@@ -162,5 +195,63 @@ fn with_f32_slice<R>(tensor: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_cor
         _ => Err(candle_core::Error::Msg(
             "expected a contiguous f32 tensor on CPU".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+    use moe_model::ModelConfig;
+    use moe_model::synth::{self, Preset};
+
+    use super::*;
+
+    /// One expert of two layers whose widths are not multiples of the
+    /// fast kernel's blocks (16 columns, 8 inner rows).
+    fn checkpoint(dir: &std::path::Path) -> Checkpoint {
+        let config = ModelConfig {
+            hidden_size: 92,
+            intermediate_size: 203,
+            num_hidden_layers: 2,
+            num_local_experts: 1,
+            num_experts_per_tok: 1,
+            ..Preset::Tiny.config(64)
+        };
+        synth::write_config(dir, &config).unwrap();
+        synth::write_weights(dir, &config, 3).unwrap();
+        Checkpoint::open(dir).unwrap()
+    }
+
+    /// The generic kernel (candle operations only) against the fast one,
+    /// on random rows at every size the fast one takes and past it. They
+    /// sum in different orders (and the fast one fuses multiply-adds), so
+    /// they agree to rounding: |generic - fast| <= 1e-5 + 1e-4 |fast|.
+    #[test]
+    fn generic_kernel_matches_the_fast_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoint = checkpoint(dir.path());
+        let load = || ExpertWeights::load(&checkpoint, 0, 0..2, &Device::Cpu).unwrap();
+        let fast = load();
+        assert_eq!(fast.kernels(), Kernels::Fast);
+        let generic = load().with_kernels(Kernels::Generic);
+        assert_eq!(generic.kernels(), Kernels::Generic);
+        for rows in [1, 2, 3, 5, 8, 9, 33] {
+            for layer in 0..2 {
+                let x = Tensor::randn(0f32, 1.0, (rows, 92), &Device::Cpu).unwrap();
+                let expected = fast.forward(layer, &x).unwrap();
+                let got = generic.forward(layer, &x).unwrap();
+                assert_eq!(got.dims(), &[rows, 92]);
+                let (got, expected) = (
+                    got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    expected.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                );
+                for (g, e) in got.iter().zip(&expected) {
+                    assert!(
+                        (g - e).abs() <= 1e-5 + 1e-4 * e.abs(),
+                        "{rows} rows, layer {layer}: generic {g} vs fast {e}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -1,8 +1,10 @@
 //! Messages that wait for the expert while it computes are stacked into one
 //! forward pass per layer, and each caller still gets exactly its own rows
-//! back, equal to what it gets when its message runs alone.
+//! back, equal to what it gets when its message runs alone; with the fast
+//! kernels and with the generic ones.
 
-use moe_e2e::{start_expert, tiny_checkpoint};
+use moe_e2e::{start_expert_with, tiny_checkpoint};
+use moe_model::Kernels;
 use moe_proto::transport;
 use moe_proto::v1::expert_result::Result as Outcome;
 use moe_proto::v1::{DType, DescribeRequest, DescribeResponse, ExpertBatch, Tensor};
@@ -70,8 +72,17 @@ async fn describe(channel: &Channel) -> DescribeResponse {
 
 #[tokio::test]
 async fn waiting_messages_share_one_forward_pass_and_keep_their_own_rows() {
+    stack_messages(Kernels::Fast).await;
+}
+
+#[tokio::test]
+async fn waiting_messages_share_one_forward_pass_and_keep_their_own_rows_generic_kernels() {
+    stack_messages(Kernels::Generic).await;
+}
+
+async fn stack_messages(kernels: Kernels) {
     let model = tiny_checkpoint();
-    let expert = start_expert(model.path(), 5, "0..2").await;
+    let expert = start_expert_with(model.path(), 5, "0..2", |o| o.kernels = kernels).await;
     let channel = moe_proto::transport::connect(&expert.uri()).await.unwrap();
 
     // Each small message alone: the reference results.

@@ -6,6 +6,7 @@ mod checkpoint;
 mod config;
 mod device;
 mod error;
+mod kernels;
 pub mod layout;
 pub mod synth;
 
@@ -13,3 +14,4 @@ pub use checkpoint::{CONFIG_FILE, Checkpoint, INDEX_FILE, SINGLE_FILE, TOKENIZER
 pub use config::ModelConfig;
 pub use device::{cpu_has_avx2_fma, parse_device, pin_compute_threads};
 pub use error::ModelError;
+pub use kernels::Kernels;

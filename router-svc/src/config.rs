@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use clap::builder::BoolishValueParser;
+use moe_model::Kernels;
 use moe_proto::{ExpertMode, ListenAddr, WireDType};
 
 use crate::RouterError;
@@ -69,6 +70,11 @@ pub struct Args {
     /// `cpu` or `cuda:N`, for attention (and the experts, in-process).
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// `fast` (hand-written CPU kernels where they apply) or `generic`
+    /// (candle operations only, as on a GPU, which always gets them), for
+    /// attention (and the experts, in-process).
+    #[arg(long, env = "MOE_KERNELS", default_value_t = Kernels::Fast)]
+    pub kernels: Kernels,
     /// Tokens per step at most (decodes plus prompt chunks).
     #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 1024)]
     pub max_batch_tokens: usize,
@@ -140,6 +146,7 @@ pub struct Config {
     pub listen: ListenAddr,
     pub experts: ExpertPlacement,
     pub device: String,
+    pub kernels: Kernels,
     pub scheduler: SchedulerConfig,
     pub expert_timeout: Duration,
     pub failover: FailoverPolicy,
@@ -188,6 +195,7 @@ impl TryFrom<Args> for Config {
             listen: args.listen,
             experts,
             device: args.device,
+            kernels: args.kernels,
             scheduler: SchedulerConfig {
                 max_batch_tokens: args.max_batch_tokens,
                 pipeline_min_tokens: args.pipeline_min_tokens,

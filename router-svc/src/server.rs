@@ -33,7 +33,11 @@ pub async fn run(
 ) -> Result<(), RouterError> {
     let device = parse_device(&config.device)?;
     let checkpoint = Checkpoint::open(&config.model)?;
-    let engine = Arc::new(Engine::load(&checkpoint, &device)?);
+    let engine = Arc::new(Engine::load(&checkpoint, &device)?.with_kernels(config.kernels));
+    let kernels = engine.kernels();
+    if kernels != config.kernels {
+        tracing::info!(device = %config.device, "the fast kernels are CPU-only: running the generic ones");
+    }
     let gate = Gate::load(&checkpoint, &device)?;
     let mode = config.experts.mode();
     let model = Arc::new(ServedModel {
@@ -84,7 +88,7 @@ pub async fn run(
     )?;
     drop(checkpoint);
     let service = InferenceService::new(model, scheduler, readiness, stats, replicas, drain_signal);
-    tracing::info!(addr = %listener.local_addr()?, %mode, "router serving");
+    tracing::info!(addr = %listener.local_addr()?, %mode, %kernels, "router serving");
     let server = server.add_service(transport::inference_server(service));
     Ok(
         transport::serve_then_drain::<InferenceServer<InferenceService>>(
@@ -110,7 +114,7 @@ fn connect_experts(
     let model = checkpoint.config();
     let sources = match &config.experts {
         ExpertPlacement::InProcess => {
-            let experts = InProcessExperts::load(checkpoint, device)?;
+            let experts = InProcessExperts::load(checkpoint, device, config.kernels)?;
             return Ok((Experts::InProcess(experts), None));
         }
         ExpertPlacement::Distributed(sources) => sources,

@@ -159,8 +159,21 @@ pub async fn start_router(model: &Path, args: &[String]) -> Process {
 /// One expert-svc process serving `expert` for `layers` (e.g. "0..2") on
 /// a free loopback port, started as the launcher starts its experts.
 pub async fn start_expert(model: &Path, expert: usize, layers: &str) -> Process {
+    start_expert_with(model, expert, layers, |_| {}).await
+}
+
+/// [`start_expert`] on [`quiet_options`] as `configure` changes them, e.g.
+/// `|o| o.kernels = Kernels::Generic`.
+pub async fn start_expert_with(
+    model: &Path,
+    expert: usize,
+    layers: &str,
+    configure: impl FnOnce(&mut ClusterOptions),
+) -> Process {
     let listen: ListenAddr = "127.0.0.1:0".parse().expect("a loopback address");
-    moe::launcher::start_expert(&quiet_options(model), expert, Some(layers), &listen)
+    let mut options = quiet_options(model);
+    configure(&mut options);
+    moe::launcher::start_expert(&options, expert, Some(layers), &listen)
         .await
         .expect("expert starts")
 }

@@ -1,13 +1,15 @@
 //! Continuous batching does not change what any sequence generates, and the
 //! distributed path generates what the in-process mode does; and the steps
-//! really did batch several sequences.
+//! really did batch several sequences. With the fast kernels and with the
+//! generic ones.
 
 use std::time::Duration;
 
 use moe_e2e::client::Completion;
 use moe_e2e::{
-    assert_same_completion, collect, generate, greedy, start, stats, tiny_checkpoint, within,
+    assert_same_completion, collect, generate, greedy, start_with, stats, tiny_checkpoint, within,
 };
+use moe_model::Kernels;
 use moe_proto::ExpertMode;
 use moe_proto::v1::{GenerateRequest, StatsResponse};
 
@@ -115,8 +117,23 @@ fn assert_batched(mode: &str, before: &StatsResponse, after: &StatsResponse) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distributed_concurrent_equals_in_process_one_at_a_time() {
+    concurrent_equals_one_at_a_time(Kernels::Fast).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_concurrent_equals_in_process_one_at_a_time_generic_kernels() {
+    concurrent_equals_one_at_a_time(Kernels::Generic).await;
+}
+
+async fn concurrent_equals_one_at_a_time(kernels: Kernels) {
     let model = tiny_checkpoint();
-    let in_process = start(model.path(), ExpertMode::InProcess).await;
+    let start = |mode| {
+        start_with(model.path(), move |options| {
+            options.mode = mode;
+            options.kernels = kernels;
+        })
+    };
+    let in_process = start(ExpertMode::InProcess).await;
     // The reference: each request alone, in the in-process mode.
     let mut alone = Vec::new();
     for request in workload() {
@@ -126,12 +143,12 @@ async fn distributed_concurrent_equals_in_process_one_at_a_time() {
         alone.push(completion);
     }
     let (in_process_batched, before, after) = run_concurrently(&in_process.router_uri()).await;
-    assert_batched("in-process", &before, &after);
+    assert_batched(&format!("in-process, {kernels} kernels"), &before, &after);
 
-    let distributed = start(model.path(), ExpertMode::Distributed).await;
+    let distributed = start(ExpertMode::Distributed).await;
     assert_eq!(distributed.experts.len(), 16);
     let (distributed_batched, before, after) = run_concurrently(&distributed.router_uri()).await;
-    assert_batched("distributed", &before, &after);
+    assert_batched(&format!("distributed, {kernels} kernels"), &before, &after);
 
     for (i, reference) in alone.iter().enumerate() {
         assert_eq!(
@@ -140,13 +157,13 @@ async fn distributed_concurrent_equals_in_process_one_at_a_time() {
             "request {i} length"
         );
         assert_same_completion(
-            &format!("request {i}, in-process batched"),
+            &format!("request {i}, in-process batched, {kernels} kernels"),
             &in_process_batched[i],
             reference,
             TOLERANCE,
         );
         assert_same_completion(
-            &format!("request {i}, distributed batched"),
+            &format!("request {i}, distributed batched, {kernels} kernels"),
             &distributed_batched[i],
             reference,
             TOLERANCE,

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 use moe::bench::{self, Faults, ModelShape, Peak, Prompt, RunMode, RunReport, Workload};
 use moe::launcher::{Cluster, ClusterOptions, ExpertTransport, ReplicaCount};
-use moe_model::ModelConfig;
+use moe_model::{Kernels, ModelConfig};
 use moe_proto::ExpertMode;
 use moe_proto::v1::ModelInfoRequest;
 use serde::Serialize;
@@ -75,6 +75,10 @@ pub struct BenchArgs {
     /// Extra flags for router-svc, e.g. --router-arg=--wire-dtype=bf16.
     #[arg(long = "router-arg", allow_hyphen_values = true)]
     pub router_args: Vec<String>,
+    /// `--kernels` of every process of the clusters this command starts:
+    /// `fast` or `generic`.
+    #[arg(long, default_value_t = Kernels::Fast)]
+    pub kernels: Kernels,
     /// A test tool: SIGKILLs a random expert replica every SECS seconds
     /// during the measured run, to measure latency under faults; the
     /// launcher restarts it. Distributed clusters this command starts
@@ -105,6 +109,9 @@ struct Report {
     /// How the router reached the experts, when this command started them.
     #[serde(skip_serializing_if = "Option::is_none")]
     expert_transport: Option<ExpertTransport>,
+    /// The kernels of the clusters this command started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernels: Option<&'static str>,
     matmul_peak: Peak,
     runs: Vec<RunReport>,
     /// Distributed / in-process output tokens per second
@@ -128,7 +135,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (shape, prompts) = shape_and_prompts(&args, &workload).await?;
     // Before any server starts, so nothing else competes for the cores.
     let peak = bench::measure_peak(&shape)?;
-    let mut expert_transport = None;
+    let (mut expert_transport, mut kernels) = (None, None);
     let runs = if let Some(base) = &args.openai {
         let target = bench::OpenAi::new(base, &args.openai_model)?;
         bench::warm_up(&target, &prompts).await?;
@@ -137,6 +144,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         vec![bench::run_grpc(addr, &workload, &prompts, &shape, &peak, None).await?]
     } else {
         expert_transport = Some(args.expert_transport);
+        kernels = Some(args.kernels.name());
         run_on_clusters(&args, &workload, &prompts, &shape, &peak).await?
     };
     let (ratio, ratio_per_round) = if args.compare_in_process {
@@ -148,6 +156,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         workload,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         expert_transport,
+        kernels,
         matmul_peak: peak,
         runs,
         ratio,
@@ -279,6 +288,7 @@ async fn start_cluster(args: &BenchArgs, mode: ExpertMode) -> anyhow::Result<Clu
         mode,
         replicas: args.replicas.clone(),
         router_args: args.router_args.clone(),
+        kernels: args.kernels,
         log_filter: "warn".into(),
         ..ClusterOptions::new(model)?
     };
@@ -293,6 +303,9 @@ fn print_table(report: &Report) {
     );
     if let Some(transport) = report.expert_transport {
         println!("experts reached over {transport}");
+    }
+    if let Some(kernels) = report.kernels {
+        println!("kernels: {kernels}");
     }
     println!(
         "matmul peak: {:.1} GFLOP/s (candle f32, {}x{}x{})",

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 use moe::launcher::{Cluster, ClusterOptions, ExpertEvent, ExpertTransport, ReplicaCount};
+use moe_model::Kernels;
 use moe_proto::ExpertMode;
 use tokio::sync::broadcast::{self, error::RecvError};
 
@@ -34,6 +35,10 @@ pub struct UpArgs {
     /// Extra flags passed to router-svc, e.g. --router-arg=--wire-dtype=bf16.
     #[arg(long = "router-arg", allow_hyphen_values = true)]
     pub router_args: Vec<String>,
+    /// `--kernels` of every process: `fast` (hand-written CPU kernels) or
+    /// `generic` (candle operations only, as on a GPU).
+    #[arg(long, default_value_t = Kernels::Fast)]
+    pub kernels: Kernels,
 }
 
 impl UpArgs {
@@ -49,6 +54,7 @@ impl UpArgs {
             },
             replicas: self.replicas.clone(),
             router_args: self.router_args.clone(),
+            kernels: self.kernels,
             ..ClusterOptions::new(&self.model)?
         })
     }

@@ -115,6 +115,12 @@ impl Cluster {
                 }
             }
         }
+        // A --kernels among the caller's router flags wins over the cluster's.
+        let kernels_given = (options.router_args.iter())
+            .any(|arg| arg == "--kernels" || arg.starts_with("--kernels="));
+        if !kernels_given {
+            router_args.extend(["--kernels".into(), options.kernels.to_string()]);
+        }
         router_args.extend(options.router_args.iter().cloned());
         let mut command = Command::new(options.bin_dir.join("router-svc"));
         command.args(&router_args);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use moe_model::Kernels;
 use moe_proto::ExpertMode;
 
 /// How the router reaches the expert processes it starts. Both carry the
@@ -98,6 +99,8 @@ pub struct ClusterOptions {
     pub replicas: Vec<ReplicaCount>,
     /// Extra flags for router-svc.
     pub router_args: Vec<String>,
+    /// `--kernels` of every process: the router and each expert.
+    pub kernels: Kernels,
     /// How long to wait for every process to be ready.
     pub ready_timeout: Duration,
     /// `RUST_LOG` for the children when the caller's environment sets none.
@@ -119,6 +122,7 @@ impl ClusterOptions {
             mode: ExpertMode::Distributed,
             replicas: Vec::new(),
             router_args: Vec::new(),
+            kernels: Kernels::Fast,
             ready_timeout: Duration::from_secs(120),
             log_filter: "info".into(),
             restart_experts: true,

@@ -87,6 +87,7 @@ pub async fn start_expert(
         .args(["--model", &path_arg(&options.model)])
         .args(["--listen", &listen.to_string()])
         .args(["--expert", &expert.to_string()])
+        .args(["--kernels", options.kernels.name()])
         .env("RAYON_NUM_THREADS", options.expert_threads.to_string())
         .env("TOKIO_WORKER_THREADS", "1");
     if let Some(layers) = layers {

@@ -40,6 +40,7 @@ fn options(bin_dir: &Path, restart_experts: bool) -> ClusterOptions {
         mode: ExpertMode::Distributed,
         replicas: Vec::new(),
         router_args: Vec::new(),
+        kernels: moe_model::Kernels::Fast,
         ready_timeout: Duration::from_secs(10),
         log_filter: "warn".into(),
         restart_experts,

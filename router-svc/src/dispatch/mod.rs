@@ -40,6 +40,14 @@ pub trait ExpertBackend: Send + Sync {
     fn has_ready_replica(&self, _expert: usize, _layer: usize) -> bool {
         true
     }
+
+    /// The in-process experts when they run the generic kernels: the
+    /// dispatcher then gathers, runs and sums each layer's rows as tensors
+    /// on the device ([`InProcessExperts::combine`]) rather than through
+    /// the host buffers of [`ExpertBackend::run`].
+    fn on_device(&self) -> Option<&InProcessExperts> {
+        None
+    }
 }
 
 /// The experts of one router, in either mode.
@@ -65,6 +73,13 @@ impl ExpertBackend for Experts {
         match self {
             Self::InProcess(experts) => experts.has_ready_replica(expert, layer),
             Self::Distributed(experts) => experts.has_ready_replica(expert, layer),
+        }
+    }
+
+    fn on_device(&self) -> Option<&InProcessExperts> {
+        match self {
+            Self::InProcess(experts) => experts.on_device(),
+            Self::Distributed(_) => None,
         }
     }
 }
@@ -277,6 +292,8 @@ impl<B: ExpertBackend> StepMoe for MoeDispatcher<B> {
     /// Gathers each expert's rows straight into the buffer that goes on the
     /// wire (or to the in-process kernel), and sums the weighted results
     /// straight out of theirs: one copy each way, no tensor per expert.
+    /// In-process experts on the generic kernels gather and sum on the
+    /// device instead.
     async fn forward_rows(
         &self,
         layer: usize,
@@ -289,6 +306,10 @@ impl<B: ExpertBackend> StepMoe for MoeDispatcher<B> {
                 .iter()
                 .map(|expert_rows| (expert_rows.expert, expert_rows.rows.len())),
         );
+        // In-process experts fail no rows: nothing to report.
+        if let Some(experts) = self.backend.on_device() {
+            return experts.combine(layer, &routed, hidden).await;
+        }
         let (rows, width) = hidden.dims2()?;
         let values = hidden.flatten_all()?.to_vec1::<f32>()?;
         let mut combined = vec![0f32; rows * width];
