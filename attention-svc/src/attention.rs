@@ -21,7 +21,7 @@ pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor) -> candle_core::Result
     let scale = 1.0 / (head_dim as f64).sqrt();
     let scores = (q.matmul(&keys.t()?)? * scale)?;
     let scores = if n > 1 {
-        let mask = causal_mask(n, context, q.device())?;
+        let mask = causal_mask(n, context, q.device())?.to_dtype(scores.dtype())?;
         scores
             .reshape((kv_heads, group, n, context))?
             .broadcast_add(&mask)?

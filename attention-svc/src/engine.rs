@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::ops::rms_norm;
 use moe_model::{Checkpoint, Kernels, ModelConfig};
 use tracing::Instrument;
@@ -47,12 +47,25 @@ pub struct Engine {
 
 impl Engine {
     /// Loads the shared weights onto `device`, to run the fast kernels
-    /// where it has them; [`Engine::with_kernels`] chooses.
+    /// where it has them; [`Engine::with_kernels`] chooses. In f32:
+    /// [`Engine::load_as`] takes another dtype.
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, AttentionError> {
+        Self::load_as(checkpoint, device, DType::F32)
+    }
+
+    /// [`Engine::load`] with the weights in `dtype`, which the attention
+    /// half computes in. The MoE half gets and returns f32 rows (the gate
+    /// routes in f32, the wire and the dispatcher carry f32), and the
+    /// logits are f32; the KV cache holds f32.
+    pub fn load_as(
+        checkpoint: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, AttentionError> {
         let config = checkpoint.config().clone();
         Ok(Self {
-            weights: SharedWeights::load(checkpoint, device)?,
-            rotary: Rotary::new(&config, device)?,
+            weights: SharedWeights::load_as(checkpoint, device, dtype)?,
+            rotary: Rotary::new(&config, device, dtype)?,
             config,
             device: device.clone(),
             kernels: Kernels::Fast.for_device(device),
@@ -108,11 +121,11 @@ impl Engine {
             let moe_input = rms_norm(&h, &weights.post_attention_norm, eps)?;
             drop(attention_span);
             let moe_output = moe
-                .forward(layer, &moe_input)
+                .forward(layer, &moe_input.to_dtype(DType::F32)?)
                 .instrument(tracing::debug_span!("moe", layer))
                 .await
                 .map_err(StepError::Moe)?;
-            x = (h + moe_output)?;
+            x = (&h + moe_output.to_dtype(h.dtype())?)?;
         }
         let mut last_rows = Vec::with_capacity(chunks.len());
         let mut end = 0u32;
@@ -127,7 +140,7 @@ impl Engine {
             &self.weights.final_norm,
             eps,
         )?;
-        Ok(last.matmul(&self.weights.lm_head)?)
+        Ok(last.matmul(&self.weights.lm_head)?.to_dtype(DType::F32)?)
     }
 
     /// All chunks' token ids and positions, after checking each chunk fits
@@ -188,9 +201,10 @@ impl Engine {
             .apply(&qkv.narrow(1, heads, kv_heads)?.contiguous()?, positions)?;
         let v = qkv.narrow(1, heads + kv_heads, kv_heads)?;
         let position_width = kv_heads * config.head_dim;
+        // The cache holds f32 whatever the weights' dtype.
         let (k, v) = (
-            k.flatten_all()?.to_vec1::<f32>()?,
-            v.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
         );
         // Every chunk appends its new positions first. Decode rows then go
         // through one kernel together (the CPU one, or candle's with the
@@ -228,6 +242,7 @@ impl Engine {
                 decoded_rows += 1;
             } else {
                 let (keys, values) = chunk.cache.tensors(layer, kv_heads, &self.device)?;
+                let (keys, values) = (keys.to_dtype(q.dtype())?, values.to_dtype(q.dtype())?);
                 outputs.push(attend(&q.narrow(0, offset, n)?, &keys, &values)?);
             }
             offset += n;
@@ -277,7 +292,9 @@ impl Engine {
             decodes.iter().map(|(_, row)| *row).collect::<Vec<_>>(),
             &self.device,
         )?;
-        let queries = q.index_select(&rows, 0)?.flatten_all()?.to_vec1::<f32>()?;
+        let queries = (q.index_select(&rows, 0)?.to_dtype(DType::F32)?)
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let rows: Vec<DecodeRow<'_>> = decodes
             .iter()
             .zip(queries.chunks_exact(width))
@@ -292,11 +309,7 @@ impl Engine {
             .collect();
         let mut output = vec![0f32; decodes.len() * width];
         attend_decode_rows(&rows, shape, &mut output);
-        Ok(Tensor::from_vec(
-            output,
-            (decodes.len(), width),
-            &self.device,
-        )?)
+        Ok(Tensor::from_vec(output, (decodes.len(), width), &self.device)?.to_dtype(q.dtype())?)
     }
 }
 

@@ -4,14 +4,15 @@
 use candle_core::{DType, Device, Tensor};
 use moe_model::ModelConfig;
 
-/// cos/sin tables for every position up to the context length.
+/// cos/sin tables for every position up to the context length, computed
+/// in f32 and kept in the dtype they rotate (as transformers casts them).
 pub struct Rotary {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rotary {
-    pub fn new(config: &ModelConfig, device: &Device) -> candle_core::Result<Self> {
+    pub fn new(config: &ModelConfig, device: &Device, dtype: DType) -> candle_core::Result<Self> {
         let half = config.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
@@ -26,8 +27,8 @@ impl Rotary {
             .reshape((config.max_position_embeddings, 1))?;
         let freqs = positions.broadcast_mul(&inv_freq)?;
         Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            cos: freqs.cos()?.to_dtype(dtype)?,
+            sin: freqs.sin()?.to_dtype(dtype)?,
         })
     }
 

@@ -1,7 +1,7 @@
 //! The shared parameters, loaded from the checkpoint: everything except the
 //! experts and the gate (which the router owns).
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use moe_model::{Checkpoint, ModelError, layout};
 
 /// Matrices are kept as `[in, out]` ([`Checkpoint::load_transposed`]), so
@@ -27,10 +27,19 @@ impl SharedWeights {
     /// Checks the checkpoint holds every shared tensor with the right shape
     /// (naming the first that does not), then loads them onto `device`.
     pub fn load(checkpoint: &Checkpoint, device: &Device) -> Result<Self, ModelError> {
+        Self::load_as(checkpoint, device, DType::F32)
+    }
+
+    /// [`SharedWeights::load`] as `dtype`.
+    pub fn load_as(
+        checkpoint: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
         let config = checkpoint.config();
         checkpoint.verify(&layout::shared_tensors(config))?;
-        let load = |name: String| checkpoint.load(&name, device);
-        let load_transposed = |name: String| checkpoint.load_transposed(&name, device);
+        let load = |name: String| checkpoint.load_as(&name, device, dtype);
+        let load_transposed = |name: String| checkpoint.load_transposed_as(&name, device, dtype);
         let layers = (0..config.num_hidden_layers)
             .map(|layer| {
                 let qkv = Tensor::cat(

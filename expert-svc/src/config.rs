@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use moe_model::Kernels;
+use moe_model::{Kernels, WeightDType};
 use moe_proto::ListenAddr;
 
 /// Serve one expert of a Mixture-of-Experts checkpoint over gRPC.
@@ -33,6 +33,11 @@ pub struct Args {
     /// (candle operations only, as on a GPU, which always gets them).
     #[arg(long, env = "MOE_KERNELS", default_value_t = Kernels::Fast)]
     pub kernels: Kernels,
+    /// The weights' dtype, f32, f16 or bf16: by default f32 on the CPU and
+    /// the checkpoint's own on a GPU (other than f32 on the CPU needs
+    /// --kernels generic).
+    #[arg(long, env = "MOE_DTYPE")]
+    pub dtype: Option<WeightDType>,
     /// Seconds to finish in-flight messages after SIGTERM before exiting.
     #[arg(long, env = "MOE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -46,6 +51,8 @@ pub struct Config {
     pub listen: ListenAddr,
     pub device: String,
     pub kernels: Kernels,
+    /// None: the device's default ([`WeightDType::resolve`]).
+    pub dtype: Option<WeightDType>,
     pub shutdown_grace: Duration,
 }
 
@@ -61,6 +68,7 @@ impl TryFrom<Args> for Config {
             listen: args.listen,
             device: args.device,
             kernels: args.kernels,
+            dtype: args.dtype,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         })
     }

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 
-use moe_model::{Checkpoint, parse_device};
+use moe_model::{Checkpoint, WeightDType, parse_device};
 use moe_proto::v1::expert_server::ExpertServer;
 use moe_proto::{Listener, transport};
 
@@ -26,8 +26,10 @@ pub async fn run(
         .unwrap_or(0..checkpoint.config().num_hidden_layers);
     let span = tracing::info_span!("expert", expert = config.expert, layers = ?layers);
     let _entered = span.enter();
-    let weights = ExpertWeights::load(&checkpoint, config.expert, layers, &device)?
-        .with_kernels(config.kernels);
+    let dtype = WeightDType::resolve(config.dtype, &device, checkpoint.config(), config.kernels)?;
+    let weights =
+        ExpertWeights::load_as(&checkpoint, config.expert, layers, &device, dtype.dtype())?
+            .with_kernels(config.kernels);
     let kernels = weights.kernels();
     if kernels != config.kernels {
         tracing::info!(device = %config.device, "the fast kernels are CPU-only: running the generic ones");
@@ -38,7 +40,7 @@ pub async fn run(
     let service = ExpertService::new(ForwardQueue::new(weights), describe, device, drain_signal);
     let (health, server) = transport::server_with_health_and_reflection();
     transport::set_serving::<ExpertServer<ExpertService>>(&health, true).await;
-    tracing::info!(addr = %listener.local_addr()?, %kernels, "expert ready");
+    tracing::info!(addr = %listener.local_addr()?, %kernels, %dtype, "expert ready");
     let server = server.add_service(transport::expert_server(service));
     Ok(transport::serve_then_drain::<ExpertServer<ExpertService>>(
         server,

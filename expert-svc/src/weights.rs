@@ -40,12 +40,26 @@ pub struct ExpertWeights {
 impl ExpertWeights {
     /// Checks and loads `expert`'s matrices for `layers`, touching no other
     /// tensor of the checkpoint. It runs the fast kernels where `device`
-    /// has them; [`ExpertWeights::with_kernels`] chooses.
+    /// has them; [`ExpertWeights::with_kernels`] chooses. In f32:
+    /// [`ExpertWeights::load_as`] takes another dtype.
     pub fn load(
         checkpoint: &Checkpoint,
         expert: usize,
         layers: Range<usize>,
         device: &Device,
+    ) -> Result<Self, ModelError> {
+        Self::load_as(checkpoint, expert, layers, device, DType::F32)
+    }
+
+    /// [`ExpertWeights::load`] with the weights in `dtype`, which forward
+    /// passes compute in (rows of another dtype are converted on the way
+    /// in and out). The fast kernels compute in f32 only.
+    pub fn load_as(
+        checkpoint: &Checkpoint,
+        expert: usize,
+        layers: Range<usize>,
+        device: &Device,
+        dtype: DType,
     ) -> Result<Self, ModelError> {
         let config = checkpoint.config();
         if expert >= config.num_local_experts {
@@ -65,7 +79,8 @@ impl ExpertWeights {
             .clone()
             .map(|layer| {
                 let load = |matrix| {
-                    checkpoint.load_transposed(&layout::expert(layer, expert, matrix), device)
+                    let name = layout::expert(layer, expert, matrix);
+                    checkpoint.load_transposed_as(&name, device, dtype)
                 };
                 Ok(LayerWeights {
                     gate_up: Tensor::cat(&[load("w1")?, load("w3")?], 1)?,
@@ -129,7 +144,7 @@ impl ExpertWeights {
             hidden_size: config.hidden_size as u32,
             intermediate_size: config.intermediate_size as u32,
             num_experts: config.num_local_experts as u32,
-            weight_dtype: "f32".into(),
+            weight_dtype: self.weights[0].down.dtype().as_str().into(),
             device: device.to_owned(),
             model_fingerprint: checkpoint.fingerprint().to_owned(),
             rows_served: 0,
@@ -159,10 +174,15 @@ impl ExpertWeights {
     /// any device, and the fast kernels' path for many rows (where gemm's
     /// packing pays for itself).
     fn forward_generic(&self, weights: &LayerWeights, x: &Tensor) -> candle_core::Result<Tensor> {
+        // In the weights' dtype; answered in the rows' own.
+        let rows_dtype = x.dtype();
+        let x = x.to_dtype(weights.down.dtype())?;
         let gate_up = x.matmul(&weights.gate_up)?;
         let gate = gate_up.narrow(1, 0, self.intermediate_size)?;
         let up = gate_up.narrow(1, self.intermediate_size, self.intermediate_size)?;
-        (gate.silu()? * up)?.matmul(&weights.down)
+        (gate.silu()? * up)?
+            .matmul(&weights.down)?
+            .to_dtype(rows_dtype)
     }
 
     /// The same SwiGLU for a few rows, streaming each weight matrix once.

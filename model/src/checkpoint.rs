@@ -91,13 +91,19 @@ impl Checkpoint {
 
     /// Loads one tensor as f32 on `device`. Call [`Checkpoint::verify`] first.
     pub fn load(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
+        self.load_as(name, device, DType::F32)
+    }
+
+    /// Loads one tensor as `dtype` on `device`. Call [`Checkpoint::verify`]
+    /// first.
+    pub fn load_as(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor, ModelError> {
         let tensor = self
             .weights
             .load(name, device)
             .map_err(|_| ModelError::MissingTensor {
                 name: name.to_owned(),
             })?;
-        Ok(tensor.to_dtype(DType::F32)?)
+        Ok(tensor.to_dtype(dtype)?)
     }
 
     /// Loads a `[out, in]` weight matrix as `[in, out]`, contiguous, so that
@@ -105,7 +111,17 @@ impl Checkpoint {
     /// column of a transposed view on each call, several times slower at
     /// decode's few rows (docs/decisions.md).
     pub fn load_transposed(&self, name: &str, device: &Device) -> Result<Tensor, ModelError> {
-        Ok(self.load(name, device)?.t()?.contiguous()?)
+        self.load_transposed_as(name, device, DType::F32)
+    }
+
+    /// [`Checkpoint::load_transposed`] as `dtype`.
+    pub fn load_transposed_as(
+        &self,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Tensor, ModelError> {
+        Ok(self.load_as(name, device, dtype)?.t()?.contiguous()?)
     }
 
     /// The LM head, which is the embedding table when the two are tied.

@@ -4,9 +4,9 @@ use candle_core::Device;
 
 use crate::ModelError;
 
-/// Opens the device a flag names. `cuda:N` needs a build with candle's
-/// CUDA backend, which the default build does not enable: the error says
-/// so rather than letting candle fail later.
+/// Opens the device a flag names. `cuda:N` needs a build with this crate's
+/// `cuda` feature (candle's CUDA backend), which the default build does not
+/// enable: the error says so rather than letting candle fail later.
 pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
     let invalid = |why: String| ModelError::Device {
         spec: spec.to_owned(),
@@ -22,7 +22,8 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
                 .map_err(|err| invalid(err.to_string()))?;
             if !candle_core::utils::cuda_is_available() {
                 return Err(invalid(
-                    "this build has no CUDA support (candle's cuda feature is off); use --device cpu"
+                    "this build has no CUDA support: build with the cuda feature \
+                     (scripts/cuda-build.sh), or use --device cpu"
                         .into(),
                 ));
             }
@@ -91,6 +92,7 @@ mod tests {
         assert!(parse_device("cuda:x").is_err());
     }
 
+    #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_in_a_cpu_build_is_refused_naming_the_build_not_the_config() {
         let err = parse_device("cuda:0").unwrap_err().to_string();

@@ -17,6 +17,9 @@ pub enum ModelError {
     /// A `--device` value that this build or machine cannot open.
     #[error("--device {spec:?}: {why}")]
     Device { spec: String, why: String },
+    /// A `--dtype` that this device or these kernels cannot compute in.
+    #[error("--dtype {dtype}: {why}")]
+    DType { dtype: &'static str, why: String },
     #[error("checkpoint {dir} has no model.safetensors nor model.safetensors.index.json")]
     NoWeights { dir: PathBuf },
     #[error("invalid {path}: {message}")]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use clap::builder::BoolishValueParser;
-use moe_model::Kernels;
+use moe_model::{Kernels, WeightDType};
 use moe_proto::{ExpertMode, ListenAddr, WireDType};
 
 use crate::RouterError;
@@ -75,6 +75,11 @@ pub struct Args {
     /// attention (and the experts, in-process).
     #[arg(long, env = "MOE_KERNELS", default_value_t = Kernels::Fast)]
     pub kernels: Kernels,
+    /// The weights' dtype (attention, and the experts in-process), f32,
+    /// f16 or bf16: by default f32 on the CPU and the checkpoint's own on
+    /// a GPU (other than f32 on the CPU needs --kernels generic).
+    #[arg(long, env = "MOE_DTYPE")]
+    pub dtype: Option<WeightDType>,
     /// Tokens per step at most (decodes plus prompt chunks).
     #[arg(long, env = "MOE_MAX_BATCH_TOKENS", default_value_t = 1024)]
     pub max_batch_tokens: usize,
@@ -147,6 +152,8 @@ pub struct Config {
     pub experts: ExpertPlacement,
     pub device: String,
     pub kernels: Kernels,
+    /// None: the device's default ([`WeightDType::resolve`]).
+    pub dtype: Option<WeightDType>,
     pub scheduler: SchedulerConfig,
     pub expert_timeout: Duration,
     pub failover: FailoverPolicy,
@@ -196,6 +203,7 @@ impl TryFrom<Args> for Config {
             experts,
             device: args.device,
             kernels: args.kernels,
+            dtype: args.dtype,
             scheduler: SchedulerConfig {
                 max_batch_tokens: args.max_batch_tokens,
                 pipeline_min_tokens: args.pipeline_min_tokens,

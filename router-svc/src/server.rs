@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use attention_svc::Engine;
-use moe_model::{Checkpoint, parse_device};
+use moe_model::{Checkpoint, WeightDType, parse_device};
 use moe_proto::v1::inference_server::InferenceServer;
 use moe_proto::{Listener, transport};
 use tokenizers::Tokenizer;
@@ -33,7 +33,10 @@ pub async fn run(
 ) -> Result<(), RouterError> {
     let device = parse_device(&config.device)?;
     let checkpoint = Checkpoint::open(&config.model)?;
-    let engine = Arc::new(Engine::load(&checkpoint, &device)?.with_kernels(config.kernels));
+    let dtype = WeightDType::resolve(config.dtype, &device, checkpoint.config(), config.kernels)?;
+    let engine = Arc::new(
+        Engine::load_as(&checkpoint, &device, dtype.dtype())?.with_kernels(config.kernels),
+    );
     let kernels = engine.kernels();
     if kernels != config.kernels {
         tracing::info!(device = %config.device, "the fast kernels are CPU-only: running the generic ones");
@@ -58,7 +61,7 @@ pub async fn run(
         wire_dtype,
     ));
     let (draining, drain_signal) = transport::drain_switch();
-    let (experts, replicas) = connect_experts(&config, &checkpoint, &device, &stats)?;
+    let (experts, replicas) = connect_experts(&config, &checkpoint, (&device, dtype), &stats)?;
     let readiness = match &replicas {
         Some(sets) => {
             let (startup, readiness) = readiness::not_ready("no expert has answered yet");
@@ -88,7 +91,7 @@ pub async fn run(
     )?;
     drop(checkpoint);
     let service = InferenceService::new(model, scheduler, readiness, stats, replicas, drain_signal);
-    tracing::info!(addr = %listener.local_addr()?, %mode, %kernels, "router serving");
+    tracing::info!(addr = %listener.local_addr()?, %mode, %kernels, %dtype, "router serving");
     let server = server.add_service(transport::inference_server(service));
     Ok(
         transport::serve_then_drain::<InferenceServer<InferenceService>>(
@@ -108,13 +111,14 @@ pub async fn run(
 fn connect_experts(
     config: &Config,
     checkpoint: &Checkpoint,
-    device: &candle_core::Device,
+    (device, dtype): (&candle_core::Device, WeightDType),
     stats: &Arc<RouterStats>,
 ) -> Result<(Experts, Option<Arc<ReplicaSets>>), RouterError> {
     let model = checkpoint.config();
     let sources = match &config.experts {
         ExpertPlacement::InProcess => {
-            let experts = InProcessExperts::load(checkpoint, device, config.kernels)?;
+            let experts =
+                InProcessExperts::load_as(checkpoint, device, config.kernels, dtype.dtype())?;
             return Ok((Experts::InProcess(experts), None));
         }
         ExpertPlacement::Distributed(sources) => sources,

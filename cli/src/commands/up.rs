@@ -39,6 +39,11 @@ pub struct UpArgs {
     /// `generic` (candle operations only, as on a GPU).
     #[arg(long, default_value_t = Kernels::Fast)]
     pub kernels: Kernels,
+    /// CUDA devices, e.g. 0,1: expert processes get `--device cuda:N`
+    /// round-robin over them, the router the first (needs binaries built
+    /// with the cuda feature, docs/gpu.md).
+    #[arg(long, value_name = "N,...", value_delimiter = ',')]
+    pub gpus: Vec<usize>,
 }
 
 impl UpArgs {
@@ -55,6 +60,7 @@ impl UpArgs {
             replicas: self.replicas.clone(),
             router_args: self.router_args.clone(),
             kernels: self.kernels,
+            gpus: self.gpus.clone(),
             ..ClusterOptions::new(&self.model)?
         })
     }
@@ -70,11 +76,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         options.mode
     );
     for expert in &cluster.experts {
+        let device = options.expert_device(expert.expert, expert.replica);
         println!(
-            "  {} at {} (pid {})",
+            "  {} at {} (pid {}) on {}",
             expert.name,
             expert.addr,
-            expert.pid().unwrap_or(0)
+            expert.pid().unwrap_or(0),
+            device.as_deref().unwrap_or("cpu")
         );
     }
     // An expert that exits is restarted (and said so here); only the

@@ -34,7 +34,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 pub use backoff::RestartBackoff;
 pub use options::{ClusterOptions, ExpertTransport, ReplicaCount, binaries_dir, replicas_of};
-pub use process::{Process, spawn, start_expert};
+pub use process::{Process, spawn, start_expert, start_replica};
 pub use supervisor::{ExpertEvent, ExpertSlot};
 
 use supervisor::{Supervisor, slot_name};
@@ -95,7 +95,8 @@ impl Cluster {
                             ),
                             None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
                         };
-                        let mut process = start_expert(options, expert, None, &listen).await?;
+                        let mut process =
+                            start_replica(options, expert, replica, None, &listen).await?;
                         process.name = slot_name(expert, replica);
                         router_args.push("--expert".into());
                         router_args.push(format!("{expert}={}", process.uri()));
@@ -114,6 +115,12 @@ impl Cluster {
                     }
                 }
             }
+        }
+        // A --device among the caller's router flags wins over --gpus.
+        let device_given = (options.router_args.iter())
+            .any(|arg| arg == "--device" || arg.starts_with("--device="));
+        if let Some(device) = options.router_device().filter(|_| !device_given) {
+            router_args.extend(["--device".into(), device]);
         }
         // A --kernels among the caller's router flags wins over the cluster's.
         let kernels_given = (options.router_args.iter())

@@ -109,6 +109,9 @@ pub struct ClusterOptions {
     /// (with backoff). Off for tests of what the router does when an
     /// expert is gone for good.
     pub restart_experts: bool,
+    /// CUDA devices to place the processes on ([`ClusterOptions::expert_device`]);
+    /// empty: everything on the CPU.
+    pub gpus: Vec<usize>,
 }
 
 impl ClusterOptions {
@@ -126,7 +129,23 @@ impl ClusterOptions {
             ready_timeout: Duration::from_secs(120),
             log_filter: "info".into(),
             restart_experts: true,
+            gpus: Vec::new(),
         })
+    }
+
+    /// The `--device` of replica `replica` of `expert`: round-robin over
+    /// `gpus` by expert, each further replica of an expert one GPU on, so
+    /// that an expert's replicas do not share a GPU while there are others.
+    /// None (the CPU) without GPUs.
+    pub fn expert_device(&self, expert: usize, replica: usize) -> Option<String> {
+        let gpu = self.gpus.get((expert + replica) % self.gpus.len().max(1))?;
+        Some(format!("cuda:{gpu}"))
+    }
+
+    /// The router's `--device`: the first GPU (its attention, KV cache and
+    /// gate, and in the in-process mode every expert, run there).
+    pub fn router_device(&self) -> Option<String> {
+        self.gpus.first().map(|gpu| format!("cuda:{gpu}"))
     }
 }
 
@@ -162,5 +181,33 @@ mod tests {
         for bad in ["0", "x", "1=0", "a=2", ""] {
             assert!(bad.parse::<ReplicaCount>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn gpus_are_assigned_round_robin_and_the_router_gets_the_first() {
+        let mut options = ClusterOptions {
+            model: "/nowhere".into(),
+            router_listen: "127.0.0.1:0".parse().unwrap(),
+            bin_dir: "/nowhere".into(),
+            expert_threads: 1,
+            expert_transport: ExpertTransport::Tcp,
+            mode: ExpertMode::Distributed,
+            replicas: Vec::new(),
+            router_args: Vec::new(),
+            kernels: Kernels::Fast,
+            ready_timeout: Duration::from_secs(1),
+            log_filter: "warn".into(),
+            restart_experts: true,
+            gpus: Vec::new(),
+        };
+        assert_eq!(options.expert_device(3, 0), None);
+        assert_eq!(options.router_device(), None);
+        options.gpus = vec![2, 5, 7];
+        let devices: Vec<_> = (0..5)
+            .map(|expert| options.expert_device(expert, 0).unwrap())
+            .collect();
+        assert_eq!(devices, ["cuda:2", "cuda:5", "cuda:7", "cuda:2", "cuda:5"]);
+        assert_eq!(options.expert_device(0, 1).as_deref(), Some("cuda:5"));
+        assert_eq!(options.router_device().as_deref(), Some("cuda:2"));
     }
 }

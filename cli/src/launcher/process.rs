@@ -82,6 +82,18 @@ pub async fn start_expert(
     layers: Option<&str>,
     listen: &ListenAddr,
 ) -> anyhow::Result<Process> {
+    start_replica(options, expert, 0, layers, listen).await
+}
+
+/// [`start_expert`] for replica `replica` of `expert`, which sets the
+/// device it runs on ([`ClusterOptions::expert_device`]).
+pub async fn start_replica(
+    options: &ClusterOptions,
+    expert: usize,
+    replica: usize,
+    layers: Option<&str>,
+    listen: &ListenAddr,
+) -> anyhow::Result<Process> {
     let mut command = Command::new(options.bin_dir.join("expert-svc"));
     command
         .args(["--model", &path_arg(&options.model)])
@@ -92,6 +104,9 @@ pub async fn start_expert(
         .env("TOKIO_WORKER_THREADS", "1");
     if let Some(layers) = layers {
         command.args(["--layers", layers]);
+    }
+    if let Some(device) = options.expert_device(expert, replica) {
+        command.args(["--device", &device]);
     }
     spawn(format!("expert-svc {expert}"), command, options).await
 }

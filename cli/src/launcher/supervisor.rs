@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::ClusterOptions;
 use super::backoff::RestartBackoff;
-use super::process::{Process, start_expert};
+use super::process::{Process, start_replica};
 
 /// What a slot's process is doing, as its supervisor last recorded it.
 #[derive(Debug, Clone, Default)]
@@ -378,7 +378,8 @@ impl Supervisor {
 
     /// A replacement on the slot's address, or why not.
     async fn respawn(&self) -> anyhow::Result<Process> {
-        let mut process = start_expert(&self.options, self.expert, None, &self.addr).await?;
+        let mut process =
+            start_replica(&self.options, self.expert, self.replica, None, &self.addr).await?;
         process.name = self.name.clone();
         // Dropping a misplaced replacement kills it.
         anyhow::ensure!(

@@ -44,6 +44,7 @@ fn options(bin_dir: &Path, restart_experts: bool) -> ClusterOptions {
         ready_timeout: Duration::from_secs(10),
         log_filter: "warn".into(),
         restart_experts,
+        gpus: Vec::new(),
     }
 }
 

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use expert_svc::ExpertWeights;
 use futures::future::join_all;
 use moe_model::{Checkpoint, Kernels, ModelError};
@@ -43,11 +43,23 @@ impl InProcessExperts {
         device: &Device,
         kernels: Kernels,
     ) -> Result<Self, RouterError> {
+        Self::load_as(checkpoint, device, kernels, DType::F32)
+    }
+
+    /// [`InProcessExperts::load`] with the weights in `dtype` (rows stay
+    /// f32: [`ExpertWeights::load_as`]).
+    pub fn load_as(
+        checkpoint: &Checkpoint,
+        device: &Device,
+        kernels: Kernels,
+        dtype: DType,
+    ) -> Result<Self, RouterError> {
         let config = checkpoint.config();
         let kernels = kernels.for_device(device);
+        let layers = 0..config.num_hidden_layers;
         let experts = (0..config.num_local_experts)
             .map(|expert| {
-                ExpertWeights::load(checkpoint, expert, 0..config.num_hidden_layers, device)
+                ExpertWeights::load_as(checkpoint, expert, layers.clone(), device, dtype)
                     .map(|weights| weights.with_kernels(kernels))
             })
             .collect::<Result<_, ModelError>>()?;
