@@ -4,8 +4,9 @@
 //!
 //! Every decode row attends in one batched product: the rows' cached
 //! contexts are copied from the KV cache (host memory, position-major)
-//! into one `[rows, longest, kv_heads, head_dim]` buffer padded with zeros,
-//! sent to the device once, and the padding is masked out of the softmax.
+//! into one head-major `[rows, kv_heads, longest, head_dim]` buffer padded
+//! with zeros, sent to the device once, and the padding is masked out of
+//! the softmax.
 //! The cost is the longest context times the rows, where the CPU kernel's
 //! is the sum of the contexts; in exchange a step's decode attention is a
 //! handful of device operations whatever the number of sequences. Prompt
@@ -37,22 +38,28 @@ pub fn attend_decode_rows(
     let mut values = vec![0f32; rows * longest * position_width];
     let mut mask = vec![0f32; rows * longest];
     for (row, (row_keys, row_values)) in contexts.iter().enumerate() {
-        let start = row * longest * position_width;
-        keys[start..start + row_keys.len()].copy_from_slice(row_keys);
-        values[start..start + row_values.len()].copy_from_slice(row_values);
         let context = row_keys.len() / position_width;
+        let row_start = row * kv_heads * longest * head_dim;
+        for (position, (key, value)) in row_keys
+            .chunks_exact(position_width)
+            .zip(row_values.chunks_exact(position_width))
+            .enumerate()
+        {
+            for head in 0..kv_heads {
+                let to = row_start + (head * longest + position) * head_dim;
+                let from = head * head_dim..(head + 1) * head_dim;
+                keys[to..to + head_dim].copy_from_slice(&key[from.clone()]);
+                values[to..to + head_dim].copy_from_slice(&value[from]);
+            }
+        }
         mask[row * longest + context..(row + 1) * longest].fill(f32::NEG_INFINITY);
     }
     let (device, dtype) = (queries.device(), queries.dtype());
-    // [rows, kv_heads, longest, head_dim], in the queries' dtype (the
-    // cache holds f32).
-    let by_head = |data: Vec<f32>| {
-        Tensor::from_vec(data, (rows, longest, kv_heads, head_dim), device)?
-            .to_dtype(dtype)?
-            .transpose(1, 2)?
-            .contiguous()
+    // In the queries' dtype (the cache holds f32).
+    let head_major = |data: Vec<f32>| {
+        Tensor::from_vec(data, (rows, kv_heads, longest, head_dim), device)?.to_dtype(dtype)
     };
-    let (keys, values) = (by_head(keys)?, by_head(values)?);
+    let (keys, values) = (head_major(keys)?, head_major(values)?);
     // Heads h = g * group + j share kv head g (transformers' repeat_kv).
     let q = queries
         .contiguous()?
