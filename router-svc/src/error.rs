@@ -81,12 +81,15 @@ impl RouterError {
     /// sequences that sent them fail, the step goes on), rather than to
     /// the whole step.
     pub fn ends_only_its_rows(&self) -> bool {
+        self.another_replica_may_answer() || matches!(self, Self::NoReplica { .. })
+    }
+
+    /// Whether a replica's failure to answer a message says nothing of the
+    /// expert's other replicas, so that one of them may answer it.
+    pub fn another_replica_may_answer(&self) -> bool {
         matches!(
             self,
-            Self::ExpertUnavailable(_)
-                | Self::ExpertTimeout(_)
-                | Self::Overloaded(_)
-                | Self::NoReplica { .. }
+            Self::ExpertUnavailable(_) | Self::ExpertTimeout(_) | Self::Overloaded(_)
         )
     }
 

@@ -100,16 +100,6 @@ impl DistributedExperts {
     }
 }
 
-/// Whether another replica may succeed where this one failed.
-fn worth_another_replica(err: &RouterError) -> bool {
-    matches!(
-        err,
-        RouterError::ExpertUnavailable(_)
-            | RouterError::ExpertTimeout(_)
-            | RouterError::Overloaded(_)
-    )
-}
-
 impl ExpertBackend for DistributedExperts {
     fn has_ready_replica(&self, expert: usize, layer: usize) -> bool {
         self.sets.ready_count(expert, layer) > 0
@@ -188,7 +178,7 @@ impl ExpertBackend for DistributedExperts {
                         self.budget.deposit();
                         return Ok(output);
                     }
-                    Err(err) if worth_another_replica(&err) => {
+                    Err(err) if err.another_replica_may_answer() => {
                         tracing::debug!(replica = replica.label(), %err, layer, "expert message failed");
                         last_error = Some(err);
                         if !in_flight.is_empty() {

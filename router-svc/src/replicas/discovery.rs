@@ -41,11 +41,18 @@ impl Sources {
     /// Every endpoint listed now (the flags, and the cluster file as it
     /// reads now).
     pub fn listed(&self) -> Result<Vec<ExpertEndpoint>, RouterError> {
+        let from_file = match &self.cluster_file {
+            Some(path) => endpoints::read_cluster_file(path)?,
+            None => Vec::new(),
+        };
+        Ok(self.with_flags(from_file))
+    }
+
+    /// The flags' endpoints followed by `from_file`.
+    fn with_flags(&self, from_file: Vec<ExpertEndpoint>) -> Vec<ExpertEndpoint> {
         let mut listed = self.flags.clone();
-        if let Some(path) = &self.cluster_file {
-            listed.extend(endpoints::read_cluster_file(path)?);
-        }
-        Ok(listed)
+        listed.extend(from_file);
+        listed
     }
 
     fn uses_dns(endpoints: &[ExpertEndpoint]) -> bool {
@@ -109,11 +116,8 @@ pub async fn run(
             if text.is_some() && text != file_text {
                 file_text = text;
                 let new_text = file_text.as_deref().unwrap_or_default();
-                let parsed = endpoints::parse_cluster_file(new_text, path).map(|from_file| {
-                    let mut now = sources.flags.clone();
-                    now.extend(from_file);
-                    now
-                });
+                let parsed = endpoints::parse_cluster_file(new_text, path)
+                    .map(|from_file| sources.with_flags(from_file));
                 match parsed {
                     Ok(now) => {
                         tracing::info!(path = %path.display(), endpoints = now.len(), "cluster file changed");
