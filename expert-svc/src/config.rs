@@ -1,6 +1,7 @@
 //! Command-line flags, turned into one validated [`Config`] before anything
 //! is loaded or bound.
 
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use moe_model::{Kernels, WeightDType};
 use moe_proto::ListenAddr;
+use moe_telemetry::LogFormat;
 
 /// Serve one expert of a Mixture-of-Experts checkpoint over gRPC.
 #[derive(Debug, Parser)]
@@ -38,6 +40,14 @@ pub struct Args {
     /// --kernels generic).
     #[arg(long, env = "MOE_DTYPE")]
     pub dtype: Option<WeightDType>,
+    /// Serve `/metrics` over HTTP on HOST:PORT (port 0 picks a free
+    /// port); off when unset.
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log lines as `text`, or as `json` (one object a line, with trace
+    /// and span ids when traced).
+    #[arg(long, env = "MOE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Seconds to finish in-flight messages after SIGTERM before exiting.
     #[arg(long, env = "MOE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,

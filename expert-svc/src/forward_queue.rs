@@ -10,10 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use candle_core::Tensor;
 
+use crate::metrics::ExpertMetrics;
 use crate::{ExpertError, ExpertWeights};
 
 /// Where a message's result goes: the caller encodes it and sends it.
@@ -23,6 +25,10 @@ struct Job {
     layer: usize,
     rows: Tensor,
     reply: Reply,
+    queued_at: Instant,
+    /// The message's `expert_product` span, when its router traces it:
+    /// it ends when the job (and its reply) does.
+    _span: tracing::Span,
 }
 
 /// Work done since start, for Describe and the demo's per-expert counts.
@@ -30,6 +36,8 @@ struct Job {
 pub struct Counters {
     pub rows: AtomicU64,
     pub passes: AtomicU64,
+    /// Nanoseconds spent computing passes (Describe's `busy_seconds`).
+    pub busy_nanos: AtomicU64,
 }
 
 /// Messages that may wait for the expert before new ones are refused.
@@ -39,14 +47,16 @@ pub struct ForwardQueue {
     weights: ExpertWeights,
     waiting: Mutex<Vec<Job>>,
     counters: Counters,
+    metrics: Arc<ExpertMetrics>,
 }
 
 impl ForwardQueue {
-    pub fn new(weights: ExpertWeights) -> Self {
+    pub fn new(weights: ExpertWeights, metrics: Arc<ExpertMetrics>) -> Self {
         Self {
             weights,
             waiting: Mutex::new(Vec::new()),
             counters: Counters::default(),
+            metrics,
         }
     }
 
@@ -54,12 +64,30 @@ impl ForwardQueue {
     /// `layer`, after checking that this expert serves `layer`; `reply`
     /// gets its result once a [`ForwardQueue::run_queued`] ran it.
     pub fn submit(&self, layer: usize, rows: Tensor, reply: Reply) -> Result<(), ExpertError> {
+        self.submit_traced(layer, rows, reply, tracing::Span::none())
+    }
+
+    /// [`ForwardQueue::submit`], with the span that times the message
+    /// until its reply.
+    pub fn submit_traced(
+        &self,
+        layer: usize,
+        rows: Tensor,
+        reply: Reply,
+        span: tracing::Span,
+    ) -> Result<(), ExpertError> {
         self.weights.check_layer(layer)?;
         let mut waiting = self.waiting();
         if waiting.len() >= QUEUE_CAPACITY {
             return Err(ExpertError::Overloaded(QUEUE_CAPACITY));
         }
-        waiting.push(Job { layer, rows, reply });
+        waiting.push(Job {
+            layer,
+            rows,
+            reply,
+            queued_at: Instant::now(),
+            _span: span,
+        });
         Ok(())
     }
 
@@ -78,7 +106,16 @@ impl ForwardQueue {
                 tracing::debug_span!("forward_pass", layer, rows, messages = batch.len()).entered();
             self.counters.rows.fetch_add(rows as u64, Ordering::Relaxed);
             self.counters.passes.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            for job in &batch {
+                self.metrics.waited(started.duration_since(job.queued_at));
+            }
             run_pass(&self.weights, layer, batch);
+            let took = started.elapsed();
+            self.metrics.product(rows, took);
+            self.counters
+                .busy_nanos
+                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         }
     }
 
@@ -169,7 +206,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         synth::write_checkpoint(dir.path(), Preset::Tiny, 0).unwrap();
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
-        let queue = ForwardQueue::new(weights(&checkpoint));
+        let queue = ForwardQueue::new(weights(&checkpoint), Arc::new(ExpertMetrics::detached(2)));
         let reference = weights(&checkpoint);
 
         // Callers as several streams would queue them: two layers, mixed.
@@ -221,8 +258,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         synth::write_checkpoint(dir.path(), Preset::Tiny, 0).unwrap();
         let checkpoint = Checkpoint::open(dir.path()).unwrap();
-        let queue =
-            ForwardQueue::new(ExpertWeights::load(&checkpoint, 2, 1..3, &Device::Cpu).unwrap());
+        let queue = ForwardQueue::new(
+            ExpertWeights::load(&checkpoint, 2, 1..3, &Device::Cpu).unwrap(),
+            Arc::new(ExpertMetrics::detached(2)),
+        );
         for layer in [0, 3, 1000] {
             let err = queue
                 .submit(layer, rows(1, 0), Box::new(|_| {}))
@@ -241,7 +280,10 @@ mod tests {
     fn a_full_queue_refuses_with_overloaded() {
         let dir = tempfile::tempdir().unwrap();
         synth::write_checkpoint(dir.path(), Preset::Tiny, 0).unwrap();
-        let queue = ForwardQueue::new(weights(&Checkpoint::open(dir.path()).unwrap()));
+        let queue = ForwardQueue::new(
+            weights(&Checkpoint::open(dir.path()).unwrap()),
+            Arc::new(ExpertMetrics::detached(2)),
+        );
         for _ in 0..QUEUE_CAPACITY {
             queue.submit(0, rows(1, 0), Box::new(|_| {})).unwrap();
         }

@@ -8,6 +8,7 @@
 mod config;
 mod error;
 mod forward_queue;
+pub mod metrics;
 mod server;
 mod service;
 mod skinny_matmul;

@@ -1,6 +1,9 @@
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::Parser;
 use expert_svc::{Args, Config};
+use moe_telemetry::Telemetry;
 
 fn main() -> anyhow::Result<()> {
     moe_model::pin_compute_threads();
@@ -11,13 +14,30 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve() -> anyhow::Result<()> {
-    moe_proto::transport::init_logging("info");
-    let config = Config::try_from(Args::parse()).map_err(anyhow::Error::msg)?;
+    let args = Args::parse();
+    let telemetry = Arc::new(Telemetry::init("expert-svc", args.log_format, "info")?);
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+        // Printed before the gRPC line, which launchers wait for.
+        println!("expert-svc metrics on {}", listener.local_addr()?);
+        let routes = moe_telemetry::http::metrics_routes(telemetry.clone());
+        moe_telemetry::http::serve(listener, routes);
+    }
+    let config = Config::try_from(args).map_err(anyhow::Error::msg)?;
     let listener = moe_proto::Listener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     // Launchers and tests read this line to learn the port when given :0.
     println!("expert-svc listening on {}", listener.local_addr()?);
-    expert_svc::run(config, listener, expert_svc::shutdown_signal()).await?;
-    Ok(())
+    let served = expert_svc::run(
+        config,
+        listener,
+        &telemetry.meter(),
+        expert_svc::shutdown_signal(),
+    )
+    .await;
+    telemetry.shutdown();
+    Ok(served?)
 }

@@ -1,11 +1,14 @@
 //! Load, serve, drain.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use moe_model::{Checkpoint, WeightDType, parse_device};
 use moe_proto::v1::expert_server::ExpertServer;
 use moe_proto::{Listener, transport};
+use moe_telemetry::Meter;
 
+use crate::metrics::ExpertMetrics;
 use crate::{Config, ExpertError, ExpertService, ExpertWeights, ForwardQueue};
 
 pub use moe_proto::transport::shutdown_signal;
@@ -16,6 +19,7 @@ pub use moe_proto::transport::shutdown_signal;
 pub async fn run(
     config: Config,
     listener: Listener,
+    meter: &Meter,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ExpertError> {
     let device = parse_device(&config.device)?;
@@ -37,7 +41,14 @@ pub async fn run(
     let describe = weights.describe(&checkpoint, &config.device);
     drop(checkpoint);
     let (draining, drain_signal) = transport::drain_switch();
-    let service = ExpertService::new(ForwardQueue::new(weights), describe, device, drain_signal);
+    let metrics = Arc::new(ExpertMetrics::new(meter, config.expert));
+    let service = ExpertService::new(
+        ForwardQueue::new(weights, metrics.clone()),
+        metrics,
+        describe,
+        device,
+        drain_signal,
+    );
     let (health, server) = transport::server_with_health_and_reflection();
     transport::set_serving::<ExpertServer<ExpertService>>(&health, true).await;
     tracing::info!(addr = %listener.local_addr()?, %kernels, %dtype, "expert ready");

@@ -14,6 +14,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::ExpertMetrics;
 use crate::{ExpertError, ForwardQueue};
 
 /// Results that may wait for a slow reader before the stream stops reading.
@@ -24,6 +25,7 @@ type Outbound = mpsc::Sender<Result<ExpertResult, Status>>;
 #[derive(Clone)]
 pub struct ExpertService {
     queue: Arc<ForwardQueue>,
+    metrics: Arc<ExpertMetrics>,
     describe: DescribeResponse,
     compute_device: Device,
     hidden_size: usize,
@@ -38,11 +40,13 @@ impl ExpertService {
     /// turns true when the process starts draining.
     pub fn new(
         queue: ForwardQueue,
+        metrics: Arc<ExpertMetrics>,
         describe: DescribeResponse,
         compute_device: Device,
         draining: watch::Receiver<bool>,
     ) -> Self {
         Self {
+            metrics,
             hidden_size: describe.hidden_size as usize,
             queue: Arc::new(queue),
             describe,
@@ -114,19 +118,24 @@ impl ExpertService {
         )
         .map_err(ExpertError::from)
         .and_then(|(rows, dtype)| {
+            let count = rows.dim(0).unwrap_or(0);
+            self.metrics.message(count);
+            let span = product_span(&batch, count);
             let outbound = outbound.clone();
-            self.queue.submit(
+            let metrics = self.metrics.clone();
+            self.queue.submit_traced(
                 batch.layer as usize,
                 rows,
                 Box::new(move |output| {
                     let encoded =
                         output.and_then(|output| Ok(tensor_codec::encode(&output, dtype)?));
-                    send_result(&outbound, request_id, encoded);
+                    send_result(&outbound, request_id, encoded, &metrics);
                 }),
+                span,
             )
         });
         if let Err(err) = queued {
-            send_result(outbound, request_id, Err(err));
+            send_result(outbound, request_id, Err(err), &self.metrics);
         }
     }
 }
@@ -138,10 +147,12 @@ fn send_result(
     outbound: &Outbound,
     request_id: u64,
     result: Result<moe_proto::v1::Tensor, ExpertError>,
+    metrics: &ExpertMetrics,
 ) {
     let result = match result {
         Ok(tensor) => Outcome::Output(tensor),
         Err(err) => {
+            metrics.error(err.code());
             tracing::warn!(request_id, %err, "refused an expert batch");
             Outcome::Error(err.to_wire())
         }
@@ -156,6 +167,23 @@ fn send_result(
             let _ = outbound.send(message).await;
         });
     }
+}
+
+/// The span of one message's product, a child of the router's call span,
+/// when the router traces the message (sent its `traceparent`); none
+/// otherwise, at no cost.
+fn product_span(batch: &ExpertBatch, rows: usize) -> tracing::Span {
+    if batch.traceparent.is_empty() {
+        return tracing::Span::none();
+    }
+    let span = tracing::debug_span!(
+        target: moe_telemetry::TRACE_TARGET,
+        "expert_product",
+        layer = batch.layer,
+        rows
+    );
+    moe_telemetry::continue_remote(&span, &batch.traceparent);
+    span
 }
 
 /// Counts a Forward stream as open for as long as it lives.
@@ -200,6 +228,7 @@ impl expert_server::Expert for ExpertService {
         Ok(Response::new(DescribeResponse {
             rows_served: counters.rows.load(Ordering::Relaxed),
             forward_passes: counters.passes.load(Ordering::Relaxed),
+            busy_seconds: counters.busy_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
             ..self.describe.clone()
         }))
     }

@@ -149,6 +149,7 @@ impl ExpertWeights {
             model_fingerprint: checkpoint.fingerprint().to_owned(),
             rows_served: 0,
             forward_passes: 0,
+            busy_seconds: 0.0,
         }
     }
 

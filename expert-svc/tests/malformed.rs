@@ -31,6 +31,7 @@ fn batch(request_id: u64, layer: u32, hidden: Tensor) -> ExpertBatch {
         request_id,
         layer,
         hidden: Some(hidden),
+        ..Default::default()
     }
 }
 
@@ -132,6 +133,7 @@ async fn missing_tensor() {
         request_id: 5,
         layer: 0,
         hidden: None,
+        ..Default::default()
     };
     assert_refused(message, "tensor is missing").await;
 }

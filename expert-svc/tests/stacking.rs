@@ -46,6 +46,7 @@ async fn forward_all(channel: &Channel, messages: Vec<(u32, Tensor)>) -> Vec<Vec
             request_id: index as u64 + 1,
             layer,
             hidden: Some(hidden),
+            ..Default::default()
         };
         sender.send(batch).await.unwrap();
     }

@@ -36,7 +36,11 @@ fn dispatch(c: &mut Criterion) {
     let dispatcher = MoeDispatcher::new(
         Gate::new(vec![gate_weight], 2).unwrap(),
         Echo,
-        Arc::new(RouterStats::new(EXPERTS, None)),
+        Arc::new(RouterStats::new(
+            EXPERTS,
+            None,
+            router_svc::metrics::RouterMetrics::detached(EXPERTS, 1),
+        )),
         OnExpertDown::Fail,
     );
     let runtime = tokio::runtime::Builder::new_current_thread()

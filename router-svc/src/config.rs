@@ -9,6 +9,7 @@ use clap::Parser;
 use clap::builder::BoolishValueParser;
 use moe_model::{Kernels, WeightDType};
 use moe_proto::{ExpertMode, ListenAddr, WireDType};
+use moe_telemetry::LogFormat;
 
 use crate::RouterError;
 use crate::dispatch::FailoverPolicy;
@@ -110,6 +111,14 @@ pub struct Args {
     /// Seconds to let running requests finish after SIGTERM.
     #[arg(long, env = "MOE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Serve `/metrics`, the live `/dashboard` and its JSON over HTTP on
+    /// HOST:PORT (port 0 picks a free port); off when unset.
+    #[arg(long, env = "MOE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Log lines as `text`, or as `json` (one object a line, with trace
+    /// and span ids when traced).
+    #[arg(long, env = "MOE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Run this process's threads as SCHED_BATCH (Linux), so that its
     /// wake-ups do not preempt expert processes on the same cores.
     #[arg(long, env = "MOE_SCHED_BATCH", value_parser = BoolishValueParser::new())]

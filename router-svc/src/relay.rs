@@ -17,6 +17,7 @@ use crate::detokenizer::{IncrementalDecoder, StopMatcher};
 use crate::request::ValidRequest;
 use crate::scheduler::{Finish, SequenceEvent};
 use crate::service::ServedModel;
+use crate::stats::RouterStats;
 
 /// Relays `events` to `responses` until the sequence ends, fails, the
 /// client goes away, or the client's `deadline` passes.
@@ -26,6 +27,7 @@ pub async fn relay(
     responses: mpsc::Sender<Result<GenerateResponse, Status>>,
     model: Arc<ServedModel>,
     deadline: Option<Instant>,
+    mut clock: RequestClock,
 ) {
     let mut builder = ResponseBuilder::new(&request, model.tokenizer.as_ref());
     let deadline_passes = async {
@@ -52,6 +54,7 @@ pub async fn relay(
                 logprob,
                 degraded,
             }) => {
+                clock.token();
                 builder.degraded(degraded);
                 builder.token(id, logprob)
             }
@@ -67,11 +70,22 @@ pub async fn relay(
                 return;
             }
             None => {
+                clock.end("error", RouterError::ShuttingDown.code(), None);
                 let _ = responses.send(Err(RouterError::ShuttingDown.into())).await;
                 return;
             }
         };
         let last = response.finish_reason != 0;
+        if last {
+            let usage = response
+                .usage
+                .map(|usage| (usage.prompt_tokens, usage.completion_tokens));
+            clock.end(
+                finish_reason_name(response.finish_reason),
+                tonic::Code::Ok,
+                usage,
+            );
+        }
         if responses.send(Ok(response)).await.is_err() || last {
             return;
         }
@@ -79,6 +93,61 @@ pub async fn relay(
 }
 
 /// One request's responses, built token by token.
+/// A request's times as its metrics need them: arrival, each token, the
+/// end. A request dropped before its end (its client went away) counts as
+/// cancelled.
+pub struct RequestClock {
+    arrived: Instant,
+    last_token: Option<Instant>,
+    stats: Arc<RouterStats>,
+    ended: bool,
+}
+
+impl RequestClock {
+    pub fn new(arrived: Instant, stats: Arc<RouterStats>) -> Self {
+        Self {
+            arrived,
+            last_token: None,
+            stats,
+            ended: false,
+        }
+    }
+
+    fn token(&mut self) {
+        let now = Instant::now();
+        match self.last_token {
+            None => self.stats.metrics.first_token(now - self.arrived),
+            Some(previous) => self.stats.metrics.next_token(now - previous),
+        }
+        self.last_token = Some(now);
+    }
+
+    fn end(&mut self, finish_reason: &'static str, code: tonic::Code, usage: Option<(u32, u32)>) {
+        if !std::mem::replace(&mut self.ended, true) {
+            let took = self.arrived.elapsed();
+            self.stats
+                .metrics
+                .request_ended(finish_reason, code, took, usage);
+        }
+    }
+}
+
+impl Drop for RequestClock {
+    fn drop(&mut self) {
+        self.end("cancelled", tonic::Code::Cancelled, None);
+    }
+}
+
+fn finish_reason_name(reason: i32) -> &'static str {
+    match FinishReason::try_from(reason) {
+        Ok(FinishReason::Length) => "length",
+        Ok(FinishReason::Stop) => "stop",
+        Ok(FinishReason::Eos) => "eos",
+        Ok(FinishReason::Cancelled) => "cancelled",
+        _ => "error",
+    }
+}
+
 struct ResponseBuilder<'a> {
     tokenizer: Option<&'a Tokenizer>,
     decoder: IncrementalDecoder,

@@ -7,13 +7,17 @@ use attention_svc::Engine;
 use moe_model::{Checkpoint, WeightDType, parse_device};
 use moe_proto::v1::inference_server::InferenceServer;
 use moe_proto::{Listener, transport};
+use moe_telemetry::Telemetry;
 use tokenizers::Tokenizer;
+use tokio::net::TcpListener;
 
 use crate::config::{Config, ExpertPlacement};
 use crate::dispatch::{
     DispatchSettings, DistributedExperts, Experts, InProcessExperts, MoeDispatcher,
 };
 use crate::gate::Gate;
+use crate::http::{self, Dashboard};
+use crate::metrics::{self, RouterMetrics};
 use crate::readiness;
 use crate::replicas::discovery;
 use crate::replicas::set::ReplicaSets;
@@ -23,12 +27,20 @@ use crate::service::{InferenceService, ServedModel};
 use crate::stats::RouterStats;
 use crate::{RouterError, endpoints};
 
+/// Where the router's metrics go and where its HTTP side listens.
+pub struct Observability {
+    pub telemetry: Arc<Telemetry>,
+    /// `--http-listen`, already bound.
+    pub http: Option<TcpListener>,
+}
+
 /// Loads the model, starts the scheduler and serves the public API on
 /// `listener` until `shutdown` resolves; then refuses new requests, lets
 /// running ones finish, and returns (after `config.shutdown_grace` at most).
 pub async fn run(
     config: Config,
     listener: Listener,
+    observability: Observability,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RouterError> {
     let device = parse_device(&config.device)?;
@@ -56,9 +68,15 @@ pub async fn run(
         ExpertPlacement::Distributed(_) => Some(config.wire_dtype),
         ExpertPlacement::InProcess => None,
     };
-    let stats = Arc::new(RouterStats::new(
+    let shape = (
         checkpoint.config().num_local_experts,
+        checkpoint.config().num_hidden_layers,
+    );
+    let meter = observability.telemetry.meter();
+    let stats = Arc::new(RouterStats::new(
+        shape.0,
         wire_dtype,
+        RouterMetrics::new(&meter, shape.0, shape.1),
     ));
     let (draining, drain_signal) = transport::drain_switch();
     let (experts, replicas) = connect_experts(&config, &checkpoint, (&device, dtype), &stats)?;
@@ -81,6 +99,20 @@ pub async fn run(
             readiness::ready()
         }
     };
+    let _replica_gauges = replicas
+        .as_ref()
+        .map(|sets| metrics::observe_replicas(&meter, sets.clone()));
+    let dashboard = Arc::new(Dashboard::new(
+        observability.telemetry.clone(),
+        stats.clone(),
+        replicas.clone(),
+        mode,
+        shape,
+    ));
+    tokio::spawn(dashboard.clone().run());
+    if let Some(http) = observability.http {
+        moe_telemetry::http::serve(http, http::routes(observability.telemetry, dashboard));
+    }
     let moe = MoeDispatcher::new(gate, experts, stats.clone(), config.on_expert_down);
     let scheduler = scheduler::spawn(
         engine,

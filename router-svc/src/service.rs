@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use futures::Stream;
 use moe_model::ModelConfig;
@@ -21,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use crate::RouterError;
 use crate::readiness::Readiness;
-use crate::relay::relay;
+use crate::relay::{RequestClock, relay};
 use crate::replicas::set::ReplicaSets;
 use crate::request::{ValidRequest, validate};
 use crate::sampling::Sampler;
@@ -74,6 +75,7 @@ impl InferenceService {
     fn admit(
         &self,
         request: GenerateRequest,
+        span: &tracing::Span,
     ) -> Result<(ValidRequest, mpsc::Receiver<SequenceEvent>), RouterError> {
         if *self.draining.borrow() {
             return Err(RouterError::ShuttingDown);
@@ -89,6 +91,7 @@ impl InferenceService {
             sampler: Sampler::new(valid.sampling),
             stop_at_eos: valid.stop_at_eos,
             events,
+            span: span.clone(),
         })?;
         Ok((valid, receiver))
     }
@@ -104,16 +107,35 @@ impl inference_server::Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let deadline = client_deadline(request.metadata())?;
-        let (valid, events) = self.admit(request.into_inner())?;
+        let arrived = Instant::now();
+        let span = tracing::info_span!(target: moe_telemetry::TRACE_TARGET, "generate");
+        if let Some(traceparent) = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+        {
+            moe_telemetry::continue_remote(&span, traceparent);
+        }
+        let admitted = client_deadline(request.metadata()).and_then(|deadline| {
+            self.admit(request.into_inner(), &span)
+                .map(|admitted| (deadline, admitted))
+        });
+        let (deadline, (valid, events)) = admitted.inspect_err(|err| {
+            let metrics = &self.stats.metrics;
+            metrics.request_ended("error", err.code(), arrived.elapsed(), None);
+        })?;
         let (responses, stream) = mpsc::channel(RESPONSES_CAPACITY);
-        tokio::spawn(relay(
-            valid,
-            events,
-            responses,
-            self.model.clone(),
-            deadline,
-        ));
+        tokio::spawn(
+            relay(
+                valid,
+                events,
+                responses,
+                self.model.clone(),
+                deadline,
+                RequestClock::new(arrived, self.stats.clone()),
+            )
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(stream))))
     }
 

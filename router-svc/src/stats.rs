@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use moe_proto::WireDType;
 use moe_proto::v1::{ReplicaStatus, StatsResponse};
 
+use crate::metrics::{Resend, RouterMetrics};
 use crate::replicas::link::ReplicaState;
 use crate::replicas::picker::ReplicaLoad;
 
@@ -29,13 +30,15 @@ pub struct RouterStats {
     rerouted_rows: AtomicU64,
     /// `None` in the in-process mode: nothing goes on a wire.
     wire_dtype: Option<WireDType>,
+    /// The same events, and more, as OpenTelemetry metrics.
+    pub metrics: RouterMetrics,
 }
 
 /// gRPC's length prefix in front of every message on a stream.
 pub const GRPC_PREFIX_BYTES: u64 = 5;
 
 impl RouterStats {
-    pub fn new(num_experts: usize, wire_dtype: Option<WireDType>) -> Self {
+    pub fn new(num_experts: usize, wire_dtype: Option<WireDType>, metrics: RouterMetrics) -> Self {
         Self {
             steps: AtomicU64::new(0),
             step_sequences: AtomicU64::new(0),
@@ -51,6 +54,7 @@ impl RouterStats {
             replicas_refused: AtomicU64::new(0),
             rerouted_rows: AtomicU64::new(0),
             wire_dtype,
+            metrics,
         }
     }
 
@@ -68,11 +72,12 @@ impl RouterStats {
             .store(sequences as u64, Ordering::Relaxed);
     }
 
-    /// One layer of one micro-batch dispatched: `rows[e]` rows to expert `e`
+    /// One layer of one micro-batch dispatched: `count` rows to `expert`
     /// for each expert that received some.
-    pub fn record_dispatch(&self, rows: impl IntoIterator<Item = (usize, usize)>) {
+    pub fn record_dispatch(&self, layer: usize, rows: impl IntoIterator<Item = (usize, usize)>) {
         self.moe_dispatches.fetch_add(1, Ordering::Relaxed);
         for (expert, count) in rows {
+            self.metrics.expert_rows(expert, layer, count);
             self.experts_hit.fetch_add(1, Ordering::Relaxed);
             if let Some(counter) = self.rows_by_expert.get(expert) {
                 counter.fetch_add(count as u64, Ordering::Relaxed);
@@ -92,8 +97,9 @@ impl RouterStats {
             .fetch_add(encoded_len as u64 + GRPC_PREFIX_BYTES, Ordering::Relaxed);
     }
 
-    /// A message was sent again to another replica.
-    pub fn record_resend(&self) {
+    /// A message for `expert` was sent again to another replica.
+    pub fn record_resend(&self, expert: usize, reason: Resend) {
+        self.metrics.resend(expert, reason);
         self.expert_resends.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -139,6 +145,8 @@ pub struct ReplicaReport {
     pub uri: String,
     pub state: ReplicaState,
     pub load: ReplicaLoad,
+    /// The share of the last seconds it spent computing, as it reports.
+    pub busy_fraction: Option<f64>,
 }
 
 impl From<ReplicaReport> for ReplicaStatus {
@@ -161,10 +169,10 @@ mod tests {
 
     #[test]
     fn snapshot_sums_rows_and_counts_prefixes() {
-        let stats = RouterStats::new(4, Some(WireDType::F32));
+        let stats = RouterStats::new(4, Some(WireDType::F32), RouterMetrics::detached(4, 2));
         stats.record_step(3, 10);
-        stats.record_dispatch([(0, 3), (2, 7)]);
-        stats.record_dispatch([(2, 1)]);
+        stats.record_dispatch(0, [(0, 3), (2, 7)]);
+        stats.record_dispatch(1, [(2, 1)]);
         stats.record_sent(100);
         stats.record_received(90);
         let snapshot = stats.snapshot();

@@ -87,6 +87,7 @@ async fn forward_alone(channel: &Channel, hidden: Tensor) -> Vec<f32> {
         request_id: 1,
         layer: 0,
         hidden: Some(hidden),
+        ..Default::default()
     };
     sender.send(batch).await.expect("stream open");
     let result = within("a result comes", results.message())
@@ -175,6 +176,7 @@ async fn an_expert_terminated_mid_pass_answers_what_it_read_then_exits() {
             request_id: index as u64 + 1,
             layer: 0,
             hidden: Some(hidden),
+            ..Default::default()
         };
         sender.send(batch).await.expect("stream open");
     }

@@ -39,6 +39,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         cluster.router_uri(),
         cluster.experts.len()
     );
+    if let Some(http) = cluster.router_http() {
+        println!("dashboard (while the demo runs): http://{http}/dashboard");
+    }
     let result = converse(&cluster, &args).await;
     cluster.shutdown(Duration::from_secs(10)).await;
     println!("cluster stopped");

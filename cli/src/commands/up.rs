@@ -17,6 +17,10 @@ pub struct UpArgs {
     /// Address of the router's public API.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address of the router's HTTP side: /metrics and the live
+    /// /dashboard (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http_listen: SocketAddr,
     /// gemm threads per expert process (RAYON_NUM_THREADS).
     #[arg(long, default_value_t = 1)]
     pub expert_threads: usize,
@@ -59,6 +63,7 @@ impl UpArgs {
             },
             replicas: self.replicas.clone(),
             router_args: self.router_args.clone(),
+            http_listen: Some(self.http_listen),
             kernels: self.kernels,
             gpus: self.gpus.clone(),
             ..ClusterOptions::new(&self.model)?
@@ -75,10 +80,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         cluster.experts.len(),
         options.mode
     );
+    if let Some(http) = cluster.router_http() {
+        println!("  dashboard: http://{http}/dashboard");
+        println!("  metrics:   http://{http}/metrics");
+    }
     for expert in &cluster.experts {
         let device = options.expert_device(expert.expert, expert.replica);
+        let metrics = expert
+            .metrics
+            .map(|addr| format!(", metrics http://{addr}/metrics"))
+            .unwrap_or_default();
         println!(
-            "  {} at {} (pid {}) on {}",
+            "  {} at {} (pid {}) on {}{metrics}",
             expert.name,
             expert.addr,
             expert.pid().unwrap_or(0),

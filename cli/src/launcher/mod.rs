@@ -95,8 +95,9 @@ impl Cluster {
                             ),
                             None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
                         };
+                        let metrics = options.expert_metrics_listen();
                         let mut process =
-                            start_replica(options, expert, replica, None, &listen).await?;
+                            start_replica(options, expert, replica, None, &listen, metrics).await?;
                         process.name = slot_name(expert, replica);
                         router_args.push("--expert".into());
                         router_args.push(format!("{expert}={}", process.uri()));
@@ -106,6 +107,7 @@ impl Cluster {
                             replica,
                             // The bound address: a restart reuses the port.
                             addr: process.addr.clone(),
+                            metrics: process.http,
                             options: options.clone(),
                             events: events.clone(),
                         };
@@ -128,6 +130,9 @@ impl Cluster {
         if !kernels_given {
             router_args.extend(["--kernels".into(), options.kernels.to_string()]);
         }
+        if let Some(http) = options.http_listen {
+            router_args.extend(["--http-listen".into(), http.to_string()]);
+        }
         router_args.extend(options.router_args.iter().cloned());
         let mut command = Command::new(options.bin_dir.join("router-svc"));
         command.args(&router_args);
@@ -146,6 +151,11 @@ impl Cluster {
 
     pub fn router_uri(&self) -> String {
         self.router.uri()
+    }
+
+    /// The router's HTTP side (`/metrics`, `/dashboard`), when it has one.
+    pub fn router_http(&self) -> Option<SocketAddr> {
+        self.router.http
     }
 
     /// What happens to the expert processes from now on: exits, restarts,

@@ -99,6 +99,11 @@ pub struct ClusterOptions {
     pub replicas: Vec<ReplicaCount>,
     /// Extra flags for router-svc.
     pub router_args: Vec<String>,
+    /// The router's `--http-listen` (metrics, dashboard); port 0 picks one.
+    pub http_listen: Option<SocketAddr>,
+    /// Give each expert process a `/metrics` port (one it picks, kept
+    /// across restarts).
+    pub expert_metrics: bool,
     /// `--kernels` of every process: the router and each expert.
     pub kernels: Kernels,
     /// How long to wait for every process to be ready.
@@ -125,12 +130,20 @@ impl ClusterOptions {
             mode: ExpertMode::Distributed,
             replicas: Vec::new(),
             router_args: Vec::new(),
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            expert_metrics: true,
             kernels: Kernels::Fast,
             ready_timeout: Duration::from_secs(120),
             log_filter: "info".into(),
             restart_experts: true,
             gpus: Vec::new(),
         })
+    }
+
+    /// The `--metrics-listen` of a newly started expert process.
+    pub fn expert_metrics_listen(&self) -> Option<SocketAddr> {
+        self.expert_metrics
+            .then(|| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
     /// The `--device` of replica `replica` of `expert`: round-robin over
@@ -194,6 +207,8 @@ mod tests {
             mode: ExpertMode::Distributed,
             replicas: Vec::new(),
             router_args: Vec::new(),
+            http_listen: None,
+            expert_metrics: false,
             kernels: Kernels::Fast,
             ready_timeout: Duration::from_secs(1),
             log_filter: "warn".into(),

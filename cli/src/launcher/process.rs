@@ -2,6 +2,7 @@
 //! child prints `... listening on ADDR` on stdout once bound, and the
 //! launcher reads that line rather than guessing free ports.
 
+use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 
 use anyhow::{Context, bail};
@@ -17,6 +18,9 @@ use super::{ClusterOptions, path_arg};
 pub struct Process {
     pub name: String,
     pub addr: ListenAddr,
+    /// Its HTTP side, when it has one: the router's `--http-listen`
+    /// (metrics and dashboard), an expert's `--metrics-listen`.
+    pub http: Option<SocketAddr>,
     child: Child,
 }
 
@@ -82,7 +86,15 @@ pub async fn start_expert(
     layers: Option<&str>,
     listen: &ListenAddr,
 ) -> anyhow::Result<Process> {
-    start_replica(options, expert, 0, layers, listen).await
+    start_replica(
+        options,
+        expert,
+        0,
+        layers,
+        listen,
+        options.expert_metrics_listen(),
+    )
+    .await
 }
 
 /// [`start_expert`] for replica `replica` of `expert`, which sets the
@@ -93,8 +105,12 @@ pub async fn start_replica(
     replica: usize,
     layers: Option<&str>,
     listen: &ListenAddr,
+    metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<Process> {
     let mut command = Command::new(options.bin_dir.join("expert-svc"));
+    if let Some(metrics) = metrics_listen {
+        command.args(["--metrics-listen", &metrics.to_string()]);
+    }
     command
         .args(["--model", &path_arg(&options.model)])
         .args(["--listen", &listen.to_string()])
@@ -130,16 +146,30 @@ pub async fn spawn(
         .with_context(|| format!("cannot start {name}"))?;
     let stdout = child.stdout.take().context("child stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(timeout, lines.next_line())
-        .await
-        .with_context(|| format!("{name} did not start listening within {timeout:?}"))??;
-    let Some(addr) = line
-        .as_deref()
-        .and_then(|l| l.rsplit_once("listening on "))
-        .map(|(_, addr)| addr.trim().to_owned())
-    else {
-        let status = child.wait().await?;
-        bail!("{name} exited before listening ({status}); its log above says why");
+    // An HTTP side, if any, is announced first ("... http on ADDR",
+    // "... metrics on ADDR"), then the gRPC "... listening on ADDR".
+    let mut http = None;
+    let addr = loop {
+        let line = tokio::time::timeout(timeout, lines.next_line())
+            .await
+            .with_context(|| format!("{name} did not start listening within {timeout:?}"))??;
+        let Some(line) = line else {
+            let status = child.wait().await?;
+            bail!("{name} exited before listening ({status}); its log above says why");
+        };
+        if let Some((_, addr)) = line.rsplit_once("listening on ") {
+            break addr.trim().to_owned();
+        }
+        if let Some((_, addr)) = line
+            .rsplit_once(" http on ")
+            .or_else(|| line.rsplit_once(" metrics on "))
+        {
+            http = Some(
+                addr.trim()
+                    .parse()
+                    .map_err(|err| anyhow::anyhow!("{name} printed a bad HTTP address: {err}"))?,
+            );
+        }
     };
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -148,6 +178,7 @@ pub async fn spawn(
             .parse()
             .map_err(|err| anyhow::anyhow!("{name} printed a bad address: {err}"))?,
         name,
+        http,
         child,
     })
 }

@@ -10,6 +10,7 @@
 //! restart is waiting for that value to change, never sleeping.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,8 @@ pub struct ExpertSlot {
     pub replica: usize,
     /// Where it listens, every restart alike.
     pub addr: ListenAddr,
+    /// Its `/metrics`, every restart alike, when it has one.
+    pub metrics: Option<SocketAddr>,
     state: Arc<watch::Sender<SlotState>>,
 }
 
@@ -243,6 +246,9 @@ pub(super) struct Supervisor {
     pub expert: usize,
     pub replica: usize,
     pub addr: ListenAddr,
+    /// Its `/metrics` address, every restart alike (Prometheus keeps
+    /// scraping the same target).
+    pub metrics: Option<SocketAddr>,
     pub options: ClusterOptions,
     pub events: broadcast::Sender<ExpertEvent>,
 }
@@ -263,6 +269,7 @@ impl Supervisor {
             expert: self.expert,
             replica: self.replica,
             addr: self.addr.clone(),
+            metrics: self.metrics,
             state: state.clone(),
         };
         let task = tokio::spawn(async move {
@@ -378,8 +385,15 @@ impl Supervisor {
 
     /// A replacement on the slot's address, or why not.
     async fn respawn(&self) -> anyhow::Result<Process> {
-        let mut process =
-            start_replica(&self.options, self.expert, self.replica, None, &self.addr).await?;
+        let mut process = start_replica(
+            &self.options,
+            self.expert,
+            self.replica,
+            None,
+            &self.addr,
+            self.metrics,
+        )
+        .await?;
         process.name = self.name.clone();
         // Dropping a misplaced replacement kills it.
         anyhow::ensure!(

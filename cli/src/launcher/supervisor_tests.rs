@@ -40,6 +40,8 @@ fn options(bin_dir: &Path, restart_experts: bool) -> ClusterOptions {
         mode: ExpertMode::Distributed,
         replicas: Vec::new(),
         router_args: Vec::new(),
+        http_listen: None,
+        expert_metrics: false,
         kernels: moe_model::Kernels::Fast,
         ready_timeout: Duration::from_secs(10),
         log_filter: "warn".into(),
@@ -67,6 +69,7 @@ async fn supervised(
         expert: 3,
         replica: 1,
         addr: process.addr.clone(),
+        metrics: process.http,
         options: options.clone(),
         events,
     };

@@ -19,6 +19,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use super::{DispatchSettings, ExpertBackend};
 use crate::RouterError;
+use crate::metrics::Resend;
 use crate::replicas::set::{Replica, ReplicaSets, Tried};
 use crate::stats::RouterStats;
 
@@ -192,7 +193,7 @@ impl ExpertBackend for DistributedExperts {
                         if !self.budget.withdraw() {
                             return Err(err.with_note("not re-sent: the retry budget is spent"));
                         }
-                        self.stats.record_resend();
+                        self.stats.record_resend(expert, Resend::Retry);
                         last_error = Some(err);
                     }
                     Err(err) => return Err(err),
@@ -202,7 +203,7 @@ impl ExpertBackend for DistributedExperts {
                     let another = self.sets.pick(expert, layer, &tried);
                     if let Some(replica) = another.filter(|_| self.budget.withdraw()) {
                         tracing::debug!(replica = replica.label(), layer, "hedging a slow expert message");
-                        self.stats.record_resend();
+                        self.stats.record_resend(expert, Resend::Hedge);
                         hedge_at = self.hedge_time(&replica, tried.len());
                         tried.push(Tried::new(replica.clone(), replica.link.generation()));
                         in_flight.push(send(replica));

@@ -191,7 +191,14 @@ mod tests {
         MoeDispatcher::new(
             Gate::load(checkpoint, &Device::Cpu).unwrap(),
             backend,
-            Arc::new(RouterStats::new(config.num_local_experts, None)),
+            Arc::new(RouterStats::new(
+                config.num_local_experts,
+                None,
+                crate::metrics::RouterMetrics::detached(
+                    config.num_local_experts,
+                    config.num_hidden_layers,
+                ),
+            )),
             OnExpertDown::Fail,
         )
     }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use attention_svc::MoeLayer;
 use candle_core::Tensor;
 use futures::future::join_all;
+use tracing::Instrument;
 
 use crate::RouterError;
 use crate::config::OnExpertDown;
@@ -300,8 +301,28 @@ impl<B: ExpertBackend> StepMoe for MoeDispatcher<B> {
         hidden: &Tensor,
         report: &RowReport,
     ) -> Result<Tensor, RouterError> {
+        let span = tracing::debug_span!(
+            target: moe_telemetry::TRACE_TARGET,
+            "moe_dispatch",
+            layer,
+            rows = hidden.dim(0).unwrap_or(0)
+        );
+        self.forward_rows_in_span(layer, hidden, report)
+            .instrument(span)
+            .await
+    }
+}
+
+impl<B: ExpertBackend> MoeDispatcher<B> {
+    async fn forward_rows_in_span(
+        &self,
+        layer: usize,
+        hidden: &Tensor,
+        report: &RowReport,
+    ) -> Result<Tensor, RouterError> {
         let routed = self.gate.route(layer, hidden)?;
         self.stats.record_dispatch(
+            layer,
             routed
                 .iter()
                 .map(|expert_rows| (expert_rows.expert, expert_rows.rows.len())),
@@ -325,6 +346,7 @@ impl<B: ExpertBackend> StepMoe for MoeDispatcher<B> {
                     if self.on_expert_down == OnExpertDown::Reroute =>
                 {
                     missing.push(expert);
+                    self.stats.metrics.rerouted(expert, expert_rows.rows.len());
                     report.record(|o| o.rerouted.push((expert_rows.rows.clone(), expert)));
                 }
                 err => lost.push((expert_rows.rows.clone(), err)),

@@ -37,6 +37,8 @@ type Reply = oneshot::Sender<Result<moe_proto::v1::Tensor, RouterError>>;
 
 struct Call {
     layer: u32,
+    /// The call span's W3C context when it is sampled; empty otherwise.
+    traceparent: String,
     hidden: moe_proto::v1::Tensor,
     reply: Reply,
     /// Held until the replica answers or its stream ends, even when the
@@ -92,10 +94,20 @@ impl EndpointClient {
         timeout: Duration,
     ) -> Result<Vec<f32>, RouterError> {
         let width = self.settings.hidden_size;
+        // Lives until the answer is decoded: the call's time as the router
+        // sees it. Disabled (and free) unless traces are exported.
+        let span = tracing::debug_span!(
+            target: moe_telemetry::TRACE_TARGET,
+            "expert_call",
+            replica = %self.label,
+            layer,
+            rows
+        );
         let (reply, result) = oneshot::channel();
         self.calls
             .try_send(Call {
                 layer: layer as u32,
+                traceparent: moe_telemetry::traceparent(&span).unwrap_or_default(),
                 hidden,
                 reply,
                 in_flight: self.link.load.start(rows as u64),
@@ -197,7 +209,7 @@ async fn run_actor(
                     }
                 }
                 next_id += 1;
-                let batch = ExpertBatch { request_id: next_id, layer: call.layer, hidden: Some(call.hidden) };
+                let batch = ExpertBatch { request_id: next_id, layer: call.layer, hidden: Some(call.hidden), traceparent: call.traceparent };
                 pending.insert(next_id, Pending { reply: call.reply, in_flight: call.in_flight });
                 stats.record_sent(batch.encoded_len());
                 if let Some(open) = &stream

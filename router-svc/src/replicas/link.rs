@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use opentelemetry::metrics::BoundCounter;
+
 use super::LoadTracker;
+use super::busy::BusySamples;
 use super::picker::ReplicaLoad;
 
 /// Where a replica is in its life, as the router sees it.
@@ -83,6 +86,10 @@ pub struct Link {
     /// The generation whose connection the actor saw fail.
     lost: watch::Sender<u64>,
     pub load: Arc<LoadTracker>,
+    /// The busy seconds the replica reports, sampled.
+    busy: Mutex<BusySamples>,
+    /// Counts the times a ready replica went down (`moe.expert.failovers`).
+    failovers: Option<BoundCounter<u64>>,
     /// Bumped on every state change of any replica of the router: wakes
     /// messages waiting for a ready replica, and the coverage check.
     changed: Arc<watch::Sender<u64>>,
@@ -90,12 +97,23 @@ pub struct Link {
 
 impl Link {
     pub fn new(changed: Arc<watch::Sender<u64>>) -> Self {
+        Self::recording(changed, LoadTracker::default(), None)
+    }
+
+    /// A link whose load tracker and failovers feed the router's metrics.
+    pub fn recording(
+        changed: Arc<watch::Sender<u64>>,
+        load: LoadTracker,
+        failovers: Option<BoundCounter<u64>>,
+    ) -> Self {
         Self {
             state: AtomicU8::new(ReplicaState::Connecting as u8),
             problem: Mutex::new(None),
             session: watch::Sender::new(None),
             lost: watch::Sender::new(0),
-            load: Arc::default(),
+            load: Arc::new(load),
+            failovers,
+            busy: Mutex::default(),
             changed,
         }
     }
@@ -106,6 +124,12 @@ impl Link {
 
     pub fn set_state(&self, state: ReplicaState) {
         let previous = self.state.swap(state as u8, Ordering::AcqRel);
+        if previous == ReplicaState::Ready as u8
+            && state == ReplicaState::Down
+            && let Some(failovers) = &self.failovers
+        {
+            failovers.add(1);
+        }
         if previous != state as u8 {
             self.changed.send_modify(|version| *version += 1);
         }
@@ -170,9 +194,25 @@ impl Link {
         }
     }
 
+    /// The replica reported `busy_seconds` of computing since it started.
+    pub fn record_busy(&self, busy_seconds: f64) {
+        lock(&self.busy).record(std::time::Instant::now(), busy_seconds);
+    }
+
+    /// The fraction of the last seconds the replica spent computing.
+    pub fn busy_fraction(&self) -> Option<f64> {
+        lock(&self.busy).fraction()
+    }
+
     /// Resolves once the actor reports `generation` lost.
     pub async fn lost(&self, generation: u64) {
         let mut lost = self.lost.subscribe();
         let _ = lost.wait_for(|&lost| lost == generation).await;
     }
+}
+
+/// Nothing can be left half-updated behind these locks, so a poisoned one
+/// is still sound to use.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }

@@ -4,6 +4,7 @@
 //! here).
 
 pub mod backoff;
+pub mod busy;
 pub mod discovery;
 pub mod dns;
 pub mod link;
@@ -16,14 +17,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use opentelemetry::metrics::BoundHistogram;
 use peak_ewma::PeakEwma;
 use picker::ReplicaLoad;
 
 /// One replica's load as this router causes and sees it.
-#[derive(Debug)]
 pub struct LoadTracker {
     in_flight_rows: AtomicU64,
     latency: Mutex<PeakEwma>,
+    /// The replica's `moe.expert.call.duration` series.
+    call_duration: Option<BoundHistogram<f64>>,
 }
 
 impl Default for LoadTracker {
@@ -31,11 +34,33 @@ impl Default for LoadTracker {
         Self {
             in_flight_rows: AtomicU64::new(0),
             latency: Mutex::new(PeakEwma::new(Instant::now())),
+            call_duration: None,
         }
     }
 }
 
+impl std::fmt::Debug for LoadTracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadTracker")
+            .field("in_flight_rows", &self.in_flight_rows)
+            .finish_non_exhaustive()
+    }
+}
+
 impl LoadTracker {
+    /// A tracker that also records each answered call's latency in
+    /// `call_duration`.
+    pub fn recording(call_duration: BoundHistogram<f64>) -> Self {
+        Self {
+            call_duration: Some(call_duration),
+            ..Self::default()
+        }
+    }
+
+    pub fn in_flight_rows(&self) -> u64 {
+        self.in_flight_rows.load(Ordering::Relaxed)
+    }
+
     /// What the picker weighs.
     pub fn load(&self) -> ReplicaLoad {
         ReplicaLoad {
@@ -77,9 +102,11 @@ impl InFlight {
     /// The call came back: its latency joins the replica's estimate.
     pub fn succeeded(self) {
         let now = Instant::now();
-        self.tracker
-            .latency()
-            .observe(now.duration_since(self.started), now);
+        let took = now.duration_since(self.started);
+        if let Some(histogram) = &self.tracker.call_duration {
+            histogram.record(took.as_secs_f64());
+        }
+        self.tracker.latency().observe(took, now);
     }
 }
 

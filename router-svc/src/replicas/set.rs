@@ -12,6 +12,7 @@ use super::link::{Link, ReplicaState};
 use super::picker::{self, ReplicaLoad};
 use super::supervisor::{self, Expected, Supervised};
 use crate::dispatch::{DispatchSettings, EndpointClient};
+use crate::replicas::LoadTracker;
 use crate::stats::{ReplicaReport, RouterStats};
 
 /// A replica as its source names it: which expert, which layers, where.
@@ -125,7 +126,12 @@ impl ReplicaSets {
     }
 
     fn start(&self, key: ReplicaKey) -> Arc<Replica> {
-        let link = Arc::new(Link::new(self.changed.clone()));
+        let metrics = &self.stats.metrics;
+        let link = Arc::new(Link::recording(
+            self.changed.clone(),
+            LoadTracker::recording(metrics.bind_call_duration(key.expert, &key.uri)),
+            metrics.bind_failovers(key.expert),
+        ));
         let label: Arc<str> = format!("expert {} at {}", key.expert, key.uri).into();
         let client = EndpointClient::spawn(
             label.clone(),
@@ -242,6 +248,7 @@ impl ReplicaSets {
                         uri: replica.key.uri.clone(),
                         state: replica.link.state(),
                         load: replica.link.load(),
+                        busy_fraction: replica.link.busy_fraction(),
                     })
                     .collect::<Vec<_>>()
             })

@@ -91,7 +91,7 @@ enum Ended {
 /// One connection's life: check it, then serve while its health says so.
 async fn session(
     replica: &Supervised,
-    link: &Link,
+    link: &Arc<Link>,
     expected: &Expected,
     generation: &mut u64,
     backoff: &mut Backoff,
@@ -119,6 +119,8 @@ async fn session(
     };
     *generation += 1;
     let this = *generation;
+    let busy_poll = tokio::spawn(poll_busy(channel.clone(), link.clone()));
+    let _stop_polling = AbortOnDrop(busy_poll);
     let mut opened = false;
     loop {
         let update = tokio::select! {
@@ -150,6 +152,30 @@ async fn session(
             Ok(None) => return Ended::Lost("it closed its health stream".into()),
             Err(status) => return Ended::Lost(format!("health stream: {}", status.message())),
         }
+    }
+}
+
+/// Asks the replica for its busy seconds about once a second, for as long
+/// as its session lasts (the dashboard's busy fraction).
+async fn poll_busy(channel: Channel, link: Arc<Link>) {
+    let mut ticks = tokio::time::interval(BUSY_POLL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Ok(described) = describe(&channel).await {
+            link.record_busy(described.busy_seconds);
+        }
+    }
+}
+
+/// How often a ready replica's busy seconds are read.
+const BUSY_POLL: Duration = Duration::from_secs(1);
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

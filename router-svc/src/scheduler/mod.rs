@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use attention_svc::{Engine, SequenceChunk};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::Instrument;
 
 use crate::RouterError;
 use crate::dispatch::StepMoe;
@@ -54,6 +55,9 @@ pub struct GenerationRequest {
     /// Bounded: a sequence whose client reads slowly waits (it is left out
     /// of steps) rather than buffering without limit. Closed means cancelled.
     pub events: mpsc::Sender<SequenceEvent>,
+    /// The request's `generate` span: the parent of the steps it takes
+    /// part in, when it is traced.
+    pub span: tracing::Span,
 }
 
 #[derive(Debug, Clone)]
@@ -226,7 +230,7 @@ impl Scheduler {
             };
             let engine = &self.engine;
             self.running.admit(first, &mut queue, || engine.new_cache());
-            self.stats.set_running(self.running.len());
+            self.report_batch();
             let chunks = self.running.plan(self.config.max_batch_tokens);
             if chunks.is_empty() {
                 // Every running sequence waits for its client to read.
@@ -235,13 +239,24 @@ impl Scheduler {
             }
             self.step(&chunks, moe).await;
             self.running.remove_finished();
-            self.stats.set_running(self.running.len());
+            self.report_batch();
         }
+    }
+
+    fn report_batch(&self) {
+        self.stats.set_running(self.running.len());
+        self.stats.metrics.batch(
+            self.running.len(),
+            self.running.waiting_len(),
+            self.running.kv_cache_usage(),
+        );
     }
 
     async fn step<M: StepMoe>(&mut self, chunks: &[plan::Chunk], moe: &M) {
         let rows: usize = chunks.iter().map(|chunk| chunk.tokens.len()).sum();
-        let _span = tracing::debug_span!("step", sequences = chunks.len(), rows).entered();
+        let decode_tokens = chunks.iter().filter(|chunk| chunk.decode).count();
+        let span = self.running.step_span(chunks);
+        let started = std::time::Instant::now();
         self.stats.record_step(chunks.len(), rows);
         let mut sequence_chunks: Vec<SequenceChunk<'_>> = self
             .running
@@ -255,8 +270,12 @@ impl Scheduler {
             self.config.pipeline_min_tokens,
             moe,
         )
+        .instrument(span)
         .await;
         drop(sequence_chunks);
+        self.stats
+            .metrics
+            .step(started.elapsed(), rows - decode_tokens, decode_tokens);
         match result {
             Ok(outcome) => {
                 if !outcome.failed.is_empty() {

@@ -214,6 +214,55 @@ impl Running {
         self.sequences.len()
     }
 
+    pub(super) fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The share of the KV cache the running sequences hold (0-1): of
+    /// `--kv-cache-bytes` when set, otherwise of what `--max-running`
+    /// sequences of the longest context would hold.
+    pub(super) fn kv_cache_usage(&self) -> f64 {
+        let reserved: u64 = self.sequences.iter().map(|s| s.reserved).sum();
+        let capacity = self.budget.limit.unwrap_or(
+            self.max_running as u64 * self.model.context as u64 * self.budget.bytes_per_token,
+        );
+        if capacity == 0 {
+            return 0.0;
+        }
+        (reserved as f64 / capacity as f64).min(1.0)
+    }
+
+    /// The span of a step over `chunks`: a child of the first traced
+    /// sequence's request span, following from the others', so that each
+    /// request's trace reaches the steps (and expert calls) it took part in.
+    pub(super) fn step_span(&self, chunks: &[Chunk]) -> tracing::Span {
+        let mut traced = chunks
+            .iter()
+            .filter_map(|chunk| self.sequences.get(chunk.sequence))
+            .map(|sequence| &sequence.request.span)
+            .filter(|span| !span.is_disabled());
+        let tokens: usize = chunks.iter().map(|chunk| chunk.tokens.len()).sum();
+        let span = match traced.next() {
+            Some(parent) => tracing::info_span!(
+                target: moe_telemetry::TRACE_TARGET,
+                parent: parent,
+                "step",
+                sequences = chunks.len(),
+                tokens
+            ),
+            None => tracing::info_span!(
+                target: moe_telemetry::TRACE_TARGET,
+                "step",
+                sequences = chunks.len(),
+                tokens
+            ),
+        };
+        for other in traced {
+            span.follows_from(other);
+        }
+        span
+    }
+
     /// Takes every request off `queue` (after `first`, when given), drops
     /// the cancelled ones (running or waiting; a waiting one gives its
     /// queue place back), then admits waiting requests in arrival order
@@ -344,6 +393,7 @@ mod tests {
             }),
             stop_at_eos: true,
             events,
+            span: tracing::Span::none(),
         };
         (request, receiver)
     }
