@@ -101,6 +101,8 @@ pub struct ClusterOptions {
     pub router_args: Vec<String>,
     /// The router's `--http-listen` (metrics, dashboard); port 0 picks one.
     pub http_listen: Option<SocketAddr>,
+    /// Environment variables for every child (e.g. `OTEL_*`).
+    pub env: Vec<(String, String)>,
     /// Give each expert process a `/metrics` port (one it picks, kept
     /// across restarts).
     pub expert_metrics: bool,
@@ -131,6 +133,7 @@ impl ClusterOptions {
             replicas: Vec::new(),
             router_args: Vec::new(),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            env: Vec::new(),
             expert_metrics: true,
             kernels: Kernels::Fast,
             ready_timeout: Duration::from_secs(120),
@@ -208,6 +211,7 @@ mod tests {
             replicas: Vec::new(),
             router_args: Vec::new(),
             http_listen: None,
+            env: Vec::new(),
             expert_metrics: false,
             kernels: Kernels::Fast,
             ready_timeout: Duration::from_secs(1),

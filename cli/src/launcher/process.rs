@@ -138,6 +138,7 @@ pub async fn spawn(
     if std::env::var_os("RUST_LOG").is_none() {
         command.env("RUST_LOG", &options.log_filter);
     }
+    command.envs(options.env.iter().map(|(key, value)| (key, value)));
     let mut child = command
         .stdout(Stdio::piped())
         .stdin(Stdio::null())

@@ -41,6 +41,7 @@ fn options(bin_dir: &Path, restart_experts: bool) -> ClusterOptions {
         replicas: Vec::new(),
         router_args: Vec::new(),
         http_listen: None,
+        env: Vec::new(),
         expert_metrics: false,
         kernels: moe_model::Kernels::Fast,
         ready_timeout: Duration::from_secs(10),
