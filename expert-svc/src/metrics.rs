@@ -15,8 +15,18 @@ pub struct ExpertMetrics {
     queue_wait: BoundHistogram<f64>,
     compute: BoundHistogram<f64>,
     busy: BoundCounter<f64>,
+    /// The codes a replica answers with, bound (and exported at 0) from
+    /// the start, so that an error rate reads 0 rather than nothing.
+    errors_by_code: Vec<(tonic::Code, BoundCounter<u64>)>,
     errors: Counter<u64>,
 }
+
+/// The codes an [`crate::ExpertError`] maps to.
+const ERROR_CODES: [tonic::Code; 3] = [
+    tonic::Code::InvalidArgument,
+    tonic::Code::ResourceExhausted,
+    tonic::Code::Internal,
+];
 
 impl ExpertMetrics {
     pub fn new(meter: &Meter, expert: usize) -> Self {
@@ -25,13 +35,25 @@ impl ExpertMetrics {
         let busy =
             moe_telemetry::counter(meter, &names::REPLICA_BUSY).bind(std::slice::from_ref(&label));
         busy.add(0.0);
+        let errors = moe_telemetry::u64_counter(meter, &names::REPLICA_ERRORS);
+        let errors_by_code = ERROR_CODES
+            .map(|code| {
+                let counter = errors.bind(&[
+                    label.clone(),
+                    KeyValue::new("code", moe_telemetry::grpc_code_name(code)),
+                ]);
+                counter.add(0);
+                (code, counter)
+            })
+            .into();
         Self {
             message_rows: bound(&names::REPLICA_MESSAGE_ROWS),
             product_rows: bound(&names::REPLICA_PRODUCT_ROWS),
             queue_wait: bound(&names::REPLICA_QUEUE_WAIT),
             compute: bound(&names::REPLICA_COMPUTE_DURATION),
             busy,
-            errors: moe_telemetry::u64_counter(meter, &names::REPLICA_ERRORS),
+            errors_by_code,
+            errors,
             expert: label,
         }
     }
@@ -59,6 +81,10 @@ impl ExpertMetrics {
 
     /// A message was answered with an error of `code`.
     pub fn error(&self, code: tonic::Code) {
+        if let Some((_, counter)) = self.errors_by_code.iter().find(|(bound, _)| *bound == code) {
+            counter.add(1);
+            return;
+        }
         self.errors.add(
             1,
             &[

@@ -15,6 +15,20 @@ use opentelemetry::metrics::{
 use crate::replicas::link::ReplicaState;
 use crate::replicas::set::ReplicaSets;
 
+/// How requests usually end: each finish reason, and the errors a router
+/// answers most (bad requests, overload, experts down, deadlines, bugs).
+const USUAL_ENDS: [(&str, tonic::Code); 9] = [
+    ("length", tonic::Code::Ok),
+    ("stop", tonic::Code::Ok),
+    ("eos", tonic::Code::Ok),
+    ("cancelled", tonic::Code::Cancelled),
+    ("error", tonic::Code::InvalidArgument),
+    ("error", tonic::Code::ResourceExhausted),
+    ("error", tonic::Code::Unavailable),
+    ("error", tonic::Code::DeadlineExceeded),
+    ("error", tonic::Code::Internal),
+];
+
 /// Why a message was sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resend {
@@ -38,6 +52,9 @@ pub struct RouterMetrics {
     output_tokens: BoundHistogram<f64>,
     prompt_tokens: BoundCounter<f64>,
     generated_tokens: BoundCounter<f64>,
+    /// The usual ends, bound (and exported at 0) from the start so that
+    /// rates read 0 rather than nothing; others go through `requests`.
+    usual_ends: Vec<((&'static str, tonic::Code), BoundCounter<u64>)>,
     requests: Counter<u64>,
     running: Gauge<f64>,
     waiting: Gauge<f64>,
@@ -71,6 +88,7 @@ impl RouterMetrics {
         let failovers = moe_telemetry::u64_counter(meter, &names::EXPERT_FAILOVERS);
         let rerouted = moe_telemetry::u64_counter(meter, &names::EXPERT_REROUTED_ROWS);
         let desired = moe_telemetry::gauge(meter, &names::EXPERT_DESIRED_REPLICAS);
+        let requests = moe_telemetry::u64_counter(meter, &names::REQUESTS);
         let per_expert = |counter: &Counter<u64>| -> Vec<BoundCounter<u64>> {
             (0..num_experts)
                 .map(|expert| counter.bind(&[expert_label(expert)]))
@@ -84,7 +102,17 @@ impl RouterMetrics {
             output_tokens: token_usage.bind(&[KeyValue::new("gen_ai.token.type", "output")]),
             prompt_tokens: tokens.bind(&[KeyValue::new("type", "prompt")]),
             generated_tokens: tokens.bind(&[KeyValue::new("type", "generated")]),
-            requests: moe_telemetry::u64_counter(meter, &names::REQUESTS),
+            usual_ends: USUAL_ENDS
+                .iter()
+                .map(|&(finish_reason, code)| {
+                    let counter = requests.bind(&[
+                        KeyValue::new("finish_reason", finish_reason),
+                        KeyValue::new("code", moe_telemetry::grpc_code_name(code)),
+                    ]);
+                    ((finish_reason, code), counter)
+                })
+                .collect(),
+            requests,
             running: moe_telemetry::gauge(meter, &names::RUNNING),
             waiting: moe_telemetry::gauge(meter, &names::WAITING),
             kv_cache_usage: moe_telemetry::gauge(meter, &names::KV_CACHE_USAGE),
@@ -124,6 +152,7 @@ impl RouterMetrics {
         for counter in metrics
             .expert_rows
             .iter()
+            .chain(metrics.usual_ends.iter().map(|(_, counter)| counter))
             .chain(&metrics.failovers)
             .chain(&metrics.rerouted_rows)
         {
@@ -214,13 +243,20 @@ impl RouterMetrics {
         took: Duration,
         usage: Option<(u32, u32)>,
     ) {
-        self.requests.add(
-            1,
-            &[
-                KeyValue::new("finish_reason", finish_reason),
-                KeyValue::new("code", moe_telemetry::grpc_code_name(code)),
-            ],
-        );
+        match self
+            .usual_ends
+            .iter()
+            .find(|(end, _)| *end == (finish_reason, code))
+        {
+            Some((_, counter)) => counter.add(1),
+            None => self.requests.add(
+                1,
+                &[
+                    KeyValue::new("finish_reason", finish_reason),
+                    KeyValue::new("code", moe_telemetry::grpc_code_name(code)),
+                ],
+            ),
+        }
         self.request_duration.record(took.as_secs_f64(), &[]);
         if let Some((prompt, completion)) = usage {
             self.input_tokens.record(prompt as f64);

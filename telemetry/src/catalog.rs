@@ -421,3 +421,29 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod readme {
+    /// The README's metrics reference is this catalog's, so that the two
+    /// cannot drift apart. To update it after changing the catalog:
+    /// `MOE_WRITE_README=1 cargo test -p moe-telemetry readme`.
+    #[test]
+    fn the_readmes_metrics_reference_is_the_catalog() {
+        const START: &str = "<!-- metrics-reference:start (generated from telemetry/src/catalog.rs) -->\n";
+        const END: &str = "<!-- metrics-reference:end -->";
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let readme = std::fs::read_to_string(&path).unwrap();
+        let (before, rest) = readme.split_once(START).expect("the README has the start marker");
+        let (current, after) = rest.split_once(END).expect("the README has the end marker");
+        let generated = super::markdown_reference();
+        if std::env::var_os("MOE_WRITE_README").is_some() {
+            std::fs::write(&path, format!("{before}{START}{generated}{END}{after}")).unwrap();
+            return;
+        }
+        assert_eq!(
+            current, generated,
+            "the README's metrics reference differs from the catalog: \
+             MOE_WRITE_README=1 cargo test -p moe-telemetry readme"
+        );
+    }
+}
