@@ -12,6 +12,7 @@ use moe_proto::{ExpertMode, ListenAddr, WireDType};
 use moe_telemetry::LogFormat;
 
 use crate::RouterError;
+use crate::autoscale::AutoscalePolicy;
 use crate::dispatch::FailoverPolicy;
 use crate::endpoints;
 use crate::replicas::discovery::Sources;
@@ -111,6 +112,19 @@ pub struct Args {
     /// Seconds to let running requests finish after SIGTERM.
     #[arg(long, env = "MOE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// The busy fraction the autoscaling signal sizes each expert's
+    /// replicas for (`moe_expert_desired_replicas`).
+    #[arg(long, env = "MOE_AUTOSCALE_TARGET_UTILISATION", default_value_t = 0.7)]
+    pub autoscale_target_utilisation: f64,
+    /// The fewest replicas the autoscaling signal asks for.
+    #[arg(long, env = "MOE_AUTOSCALE_MIN_REPLICAS", default_value_t = 1)]
+    pub autoscale_min_replicas: u32,
+    /// The most replicas the autoscaling signal asks for.
+    #[arg(long, env = "MOE_AUTOSCALE_MAX_REPLICAS", default_value_t = 8)]
+    pub autoscale_max_replicas: u32,
+    /// The time constant the signal smooths routed rows over, e.g. 10s.
+    #[arg(long, env = "MOE_AUTOSCALE_SMOOTHING", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub autoscale_smoothing: Duration,
     /// Serve `/metrics`, the live `/dashboard` and its JSON over HTTP on
     /// HOST:PORT (port 0 picks a free port); off when unset.
     #[arg(long, env = "MOE_HTTP_LISTEN")]
@@ -169,6 +183,7 @@ pub struct Config {
     pub on_expert_down: OnExpertDown,
     pub wire_dtype: WireDType,
     pub shutdown_grace: Duration,
+    pub autoscale: AutoscalePolicy,
 }
 
 impl TryFrom<Args> for Config {
@@ -206,7 +221,26 @@ impl TryFrom<Args> for Config {
                 return Err(RouterError::invalid(format!("{name} must be positive")));
             }
         }
+        let autoscale = AutoscalePolicy {
+            target_utilisation: args.autoscale_target_utilisation,
+            min_replicas: args.autoscale_min_replicas,
+            max_replicas: args.autoscale_max_replicas,
+            smoothing: args.autoscale_smoothing,
+        };
+        if !(autoscale.target_utilisation > 0.0 && autoscale.target_utilisation <= 1.0) {
+            return Err(RouterError::invalid(format!(
+                "--autoscale-target-utilisation {} must be in (0, 1]",
+                autoscale.target_utilisation
+            )));
+        }
+        if autoscale.min_replicas > autoscale.max_replicas {
+            return Err(RouterError::invalid(format!(
+                "--autoscale-min-replicas {} is above --autoscale-max-replicas {}",
+                autoscale.min_replicas, autoscale.max_replicas
+            )));
+        }
         Ok(Self {
+            autoscale,
             model: args.model,
             listen: args.listen,
             experts,

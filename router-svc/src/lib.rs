@@ -5,6 +5,7 @@
 //! through the attention-svc crate. For every layer of every step it sends
 //! each expert one message with all of the rows routed to it.
 
+pub mod autoscale;
 mod config;
 pub mod cpu_policy;
 mod detokenizer;

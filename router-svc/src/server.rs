@@ -106,7 +106,7 @@ pub async fn run(
         observability.telemetry.clone(),
         stats.clone(),
         replicas.clone(),
-        mode,
+        (mode, config.autoscale),
         shape,
     ));
     tokio::spawn(dashboard.clone().run());

@@ -10,7 +10,7 @@ use moe_proto::WireDType;
 use moe_proto::v1::{ReplicaStatus, StatsResponse};
 
 use crate::metrics::{Resend, RouterMetrics};
-use crate::replicas::link::ReplicaState;
+use crate::replicas::link::{ReplicaState, Work};
 use crate::replicas::picker::ReplicaLoad;
 
 #[derive(Debug)]
@@ -147,6 +147,8 @@ pub struct ReplicaReport {
     pub load: ReplicaLoad,
     /// The share of the last seconds it spent computing, as it reports.
     pub busy_fraction: Option<f64>,
+    /// Its work since it started, as it last reported it.
+    pub work: Option<Work>,
 }
 
 impl From<ReplicaReport> for ReplicaStatus {

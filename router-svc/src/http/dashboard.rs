@@ -3,7 +3,7 @@
 //! (the last minute for the heatmap and percentiles, the last ten seconds
 //! for rates), as Prometheus would compute them from the same series.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +13,9 @@ use moe_telemetry::catalog as names;
 use moe_telemetry::snapshot::{Buckets, Snapshot};
 use serde::Serialize;
 
+use crate::autoscale::{AutoscalePolicy, ExpertDemand, Observation};
 use crate::metrics::state_label;
+use crate::replicas::link::{ReplicaState, Work};
 use crate::replicas::set::ReplicaSets;
 use crate::stats::RouterStats;
 
@@ -25,12 +27,23 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Dashboard {
     telemetry: Arc<Telemetry>,
+    policy: AutoscalePolicy,
+    autoscale: Mutex<AutoscaleState>,
     stats: Arc<RouterStats>,
     sets: Option<Arc<ReplicaSets>>,
     mode: ExpertMode,
     num_experts: usize,
     num_layers: usize,
     history: Mutex<VecDeque<(Instant, Snapshot)>>,
+}
+
+/// The autoscaling signal's state, advanced once a snapshot.
+#[derive(Default)]
+struct AutoscaleState {
+    demand: Vec<ExpertDemand>,
+    /// Each replica's work as it last reported it, by endpoint.
+    last_work: HashMap<String, Work>,
+    desired: Vec<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -136,11 +149,17 @@ impl Dashboard {
         telemetry: Arc<Telemetry>,
         stats: Arc<RouterStats>,
         sets: Option<Arc<ReplicaSets>>,
-        mode: ExpertMode,
+        (mode, policy): (ExpertMode, AutoscalePolicy),
         (num_experts, num_layers): (usize, usize),
     ) -> Self {
         Self {
             telemetry,
+            policy,
+            autoscale: Mutex::new(AutoscaleState {
+                demand: vec![ExpertDemand::default(); num_experts],
+                last_work: HashMap::new(),
+                desired: vec![0; num_experts],
+            }),
             stats,
             sets,
             mode,
@@ -159,13 +178,16 @@ impl Dashboard {
         loop {
             ticks.tick().await;
             self.sample();
+            self.advance_autoscaling();
             let view = self.view();
             let metrics = &self.stats.metrics;
             if let Some(imbalance) = view.imbalance {
                 metrics.imbalance(imbalance);
             }
-            for expert in &view.experts {
-                metrics.desired_replicas(expert.expert, expert.desired as f64);
+            if self.sets.is_some() {
+                for expert in &view.experts {
+                    metrics.desired_replicas(expert.expert, expert.desired as f64);
+                }
             }
         }
     }
@@ -185,10 +207,67 @@ impl Dashboard {
         }
     }
 
+    /// Folds the last second into each expert's demand and capacity, and
+    /// computes its desired replicas ([`crate::autoscale`]).
+    fn advance_autoscaling(&self) {
+        let Some(sets) = &self.sets else {
+            return;
+        };
+        let routed: Vec<f64>;
+        let seconds;
+        {
+            let mut history = self.history();
+            let [.., (then_at, then), (now_at, now)] = history.make_contiguous() else {
+                return;
+            };
+            seconds = now_at.duration_since(*then_at).as_secs_f64();
+            routed = (0..self.num_experts)
+                .map(|expert| {
+                    let rows = |snapshot: &Snapshot| {
+                        snapshot.sum(names::EXPERT_ROWS.name, is_expert(expert))
+                    };
+                    (rows(now) - rows(then)).max(0.0)
+                })
+                .collect();
+        }
+        let reports = sets.reports();
+        let mut state = lock(&self.autoscale);
+        let mut seen: Vec<Observation> = routed
+            .iter()
+            .map(|&rows_routed| Observation {
+                seconds,
+                rows_routed,
+                ..Observation::default()
+            })
+            .collect();
+        let mut ready = vec![0u32; self.num_experts];
+        for report in &reports {
+            if report.state == ReplicaState::Ready
+                && let Some(count) = ready.get_mut(report.expert)
+            {
+                *count += 1;
+            }
+            let Some(work) = report.work else { continue };
+            let previous = state.last_work.insert(report.uri.clone(), work);
+            // A counter that went down is a restarted process: its first
+            // report is not a difference.
+            if let (Some(previous), Some(observation)) = (previous, seen.get_mut(report.expert))
+                && work.rows_served >= previous.rows_served
+                && work.busy_seconds >= previous.busy_seconds
+            {
+                observation.rows_served += (work.rows_served - previous.rows_served) as f64;
+                observation.busy_seconds += work.busy_seconds - previous.busy_seconds;
+            }
+        }
+        let state = &mut *state;
+        for (expert, observation) in seen.into_iter().enumerate() {
+            state.demand[expert].observe(observation, &self.policy);
+            state.desired[expert] = state.demand[expert].desired(ready[expert], &self.policy);
+        }
+    }
+
     fn history(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Snapshot)>> {
-        self.history
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        lock(&self.history)
     }
 
     pub fn view(&self) -> DashboardView {
@@ -254,6 +333,7 @@ impl Dashboard {
             .as_ref()
             .map(|sets| sets.reports())
             .unwrap_or_default();
+        let desired = lock(&self.autoscale).desired.clone();
         let experts = (0..self.num_experts)
             .map(|expert| {
                 let latency = long.histogram(names::EXPERT_CALL_DURATION.name, is_expert(expert));
@@ -288,8 +368,7 @@ impl Dashboard {
                         in_flight_rows: report.load.in_flight_rows,
                     });
                 }
-                // Until the autoscaler computes it: the replicas it has.
-                view.desired = view.ready;
+                view.desired = desired.get(expert).copied().unwrap_or(0);
                 view
             })
             .collect();
@@ -343,4 +422,10 @@ impl SeriesRef<'_> {
             moe_telemetry::snapshot::Point::Histogram(_) => 0.0,
         }
     }
+}
+
+/// Nothing is left half-updated behind these locks, so a poisoned one is
+/// still sound to use.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }

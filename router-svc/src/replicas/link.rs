@@ -77,6 +77,13 @@ pub struct Session {
     pub channel: Channel,
 }
 
+/// What a replica reports of its work since it started (Describe).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Work {
+    pub rows_served: u64,
+    pub busy_seconds: f64,
+}
+
 pub struct Link {
     state: AtomicU8,
     /// Why it is out of service, when it is: what errors and the router's
@@ -88,6 +95,9 @@ pub struct Link {
     pub load: Arc<LoadTracker>,
     /// The busy seconds the replica reports, sampled.
     busy: Mutex<BusySamples>,
+    /// The rows it has served and the busy seconds they took, as it last
+    /// reported them (cumulative since it started).
+    work: Mutex<Option<Work>>,
     /// Counts the times a ready replica went down (`moe.expert.failovers`).
     failovers: Option<BoundCounter<u64>>,
     /// Bumped on every state change of any replica of the router: wakes
@@ -114,6 +124,7 @@ impl Link {
             load: Arc::new(load),
             failovers,
             busy: Mutex::default(),
+            work: Mutex::default(),
             changed,
         }
     }
@@ -194,9 +205,15 @@ impl Link {
         }
     }
 
-    /// The replica reported `busy_seconds` of computing since it started.
-    pub fn record_busy(&self, busy_seconds: f64) {
-        lock(&self.busy).record(std::time::Instant::now(), busy_seconds);
+    /// The replica reported its work since it started.
+    pub fn record_work(&self, work: Work) {
+        lock(&self.busy).record(std::time::Instant::now(), work.busy_seconds);
+        *lock(&self.work) = Some(work);
+    }
+
+    /// The work the replica last reported.
+    pub fn work(&self) -> Option<Work> {
+        *lock(&self.work)
     }
 
     /// The fraction of the last seconds the replica spent computing.

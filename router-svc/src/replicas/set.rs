@@ -249,6 +249,7 @@ impl ReplicaSets {
                         state: replica.link.state(),
                         load: replica.link.load(),
                         busy_fraction: replica.link.busy_fraction(),
+                        work: replica.link.work(),
                     })
                     .collect::<Vec<_>>()
             })

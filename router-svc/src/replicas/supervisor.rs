@@ -18,7 +18,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use super::backoff::Backoff;
-use super::link::{Link, ReplicaState, Session};
+use super::link::{Link, ReplicaState, Session, Work};
 use crate::stats::RouterStats;
 
 /// What every replica must report.
@@ -119,8 +119,8 @@ async fn session(
     };
     *generation += 1;
     let this = *generation;
-    let busy_poll = tokio::spawn(poll_busy(channel.clone(), link.clone()));
-    let _stop_polling = AbortOnDrop(busy_poll);
+    let work_poll = tokio::spawn(poll_work(channel.clone(), link.clone()));
+    let _stop_polling = AbortOnDrop(work_poll);
     let mut opened = false;
     loop {
         let update = tokio::select! {
@@ -155,21 +155,25 @@ async fn session(
     }
 }
 
-/// Asks the replica for its busy seconds about once a second, for as long
-/// as its session lasts (the dashboard's busy fraction).
-async fn poll_busy(channel: Channel, link: Arc<Link>) {
-    let mut ticks = tokio::time::interval(BUSY_POLL);
+/// Asks the replica for its work (rows served, busy seconds) about once a
+/// second, for as long as its session lasts: the busy fraction and the
+/// capacity the autoscaling signal learns.
+async fn poll_work(channel: Channel, link: Arc<Link>) {
+    let mut ticks = tokio::time::interval(WORK_POLL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         if let Ok(described) = describe(&channel).await {
-            link.record_busy(described.busy_seconds);
+            link.record_work(Work {
+                rows_served: described.rows_served,
+                busy_seconds: described.busy_seconds,
+            });
         }
     }
 }
 
-/// How often a ready replica's busy seconds are read.
-const BUSY_POLL: Duration = Duration::from_secs(1);
+/// How often a ready replica's work is read.
+const WORK_POLL: Duration = Duration::from_secs(1);
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
