@@ -103,6 +103,23 @@ pub fn corpus() -> &'static str {
 
 /// Writes config.json, model.safetensors and tokenizer.json into `dir`.
 pub fn write_checkpoint(dir: &Path, preset: Preset, seed: u64) -> Result<ModelConfig, ModelError> {
+    write_checkpoint_favouring(dir, preset, seed, &[])
+}
+
+/// [`write_checkpoint`], with a gate that sends nearly every token to the
+/// `hot` experts (when there are as many as the model picks per token, to
+/// exactly those), so that load is skewed the way real routing is: for
+/// demos and tests of per-expert autoscaling.
+///
+/// Every token's embedding gets a constant component (dimension 0), which
+/// the residual stream carries to every layer's gate, and the hot experts'
+/// gate rows weigh that component heavily.
+pub fn write_checkpoint_favouring(
+    dir: &Path,
+    preset: Preset,
+    seed: u64,
+    hot: &[usize],
+) -> Result<ModelConfig, ModelError> {
     std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
         path: dir.to_owned(),
         source,
@@ -112,9 +129,48 @@ pub fn write_checkpoint(dir: &Path, preset: Preset, seed: u64) -> Result<ModelCo
         .save(dir.join(TOKENIZER_FILE), false)
         .map_err(|err| ModelError::Tokenizer(err.to_string()))?;
     let config = preset.config(tokenizer.get_vocab_size(true));
+    if let Some(&expert) = hot.iter().find(|&&e| e >= config.num_local_experts) {
+        return Err(ModelError::Config(format!(
+            "hot expert {expert}: the model has {} experts",
+            config.num_local_experts
+        )));
+    }
     write_config(dir, &config)?;
-    write_weights(dir, &config, seed)?;
+    let mut tensors = random_weights(&config, seed)?;
+    if !hot.is_empty() {
+        favour(&mut tensors, &config, hot)?;
+    }
+    save(dir, &tensors)?;
     Ok(config)
+}
+
+/// The constant embedding component, and the gate weight on it.
+const HOT_OFFSET: f32 = 4.0;
+const HOT_GATE_WEIGHT: f32 = 5.0;
+
+fn favour(
+    tensors: &mut HashMap<String, Tensor>,
+    config: &ModelConfig,
+    hot: &[usize],
+) -> Result<(), ModelError> {
+    let set_column = |tensor: &Tensor, rows: &[usize], value: f32| -> candle_core::Result<Tensor> {
+        let (height, width) = tensor.dims2()?;
+        let mut values = tensor.flatten_all()?.to_vec1::<f32>()?;
+        for &row in rows {
+            values[row * width] = value;
+        }
+        Tensor::from_vec(values, (height, width), &Device::Cpu)
+    };
+    let embed = layout::embed_tokens();
+    let all_tokens: Vec<usize> = (0..config.vocab_size).collect();
+    let offset = set_column(&tensors[&embed], &all_tokens, HOT_OFFSET)?;
+    tensors.insert(embed, offset);
+    for layer in 0..config.num_hidden_layers {
+        let gate = layout::gate(layer);
+        let favoured = set_column(&tensors[&gate], hot, HOT_GATE_WEIGHT)?;
+        tensors.insert(gate, favoured);
+    }
+    Ok(())
 }
 
 pub fn write_config(dir: &Path, config: &ModelConfig) -> Result<(), ModelError> {
@@ -125,6 +181,15 @@ pub fn write_config(dir: &Path, config: &ModelConfig) -> Result<(), ModelError> 
 
 /// Random weights for every tensor of `config`, in one safetensors file.
 pub fn write_weights(dir: &Path, config: &ModelConfig, seed: u64) -> Result<(), ModelError> {
+    save(dir, &random_weights(config, seed)?)
+}
+
+fn save(dir: &Path, tensors: &HashMap<String, Tensor>) -> Result<(), ModelError> {
+    candle_core::safetensors::save(tensors, dir.join(SINGLE_FILE))?;
+    Ok(())
+}
+
+fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String, Tensor>, ModelError> {
     let mut specs = layout::shared_tensors(config);
     for expert in 0..config.num_local_experts {
         specs.extend(layout::expert_tensors(
@@ -147,8 +212,7 @@ pub fn write_weights(dir: &Path, config: &ModelConfig, seed: u64) -> Result<(), 
         };
         tensors.insert(spec.name, tensor);
     }
-    candle_core::safetensors::save(&tensors, dir.join(SINGLE_FILE))?;
-    Ok(())
+    Ok(tensors)
 }
 
 /// Standard deviation of each matrix: 1/sqrt(fan_in) keeps activations at

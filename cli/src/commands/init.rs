@@ -13,10 +13,15 @@ pub struct InitArgs {
     /// Seed of the random weights: the same seed gives the same bytes.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Experts the gate favours, e.g. 3,7: nearly every token goes to
+    /// them, for demos and tests of per-expert autoscaling.
+    #[arg(long, value_name = "E,...", value_delimiter = ',')]
+    pub hot_experts: Vec<usize>,
 }
 
 pub fn run(args: InitArgs) -> anyhow::Result<()> {
-    let config = synth::write_checkpoint(&args.dir, args.preset, args.seed)?;
+    let config =
+        synth::write_checkpoint_favouring(&args.dir, args.preset, args.seed, &args.hot_experts)?;
     println!(
         "wrote {}: {} experts (top-{}), {} layers, d_model {}, {} heads / {} kv heads, vocab {}",
         args.dir.display(),
