@@ -3,4 +3,5 @@
 
 pub mod bench;
 pub mod client;
+pub mod http;
 pub mod launcher;

@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The commands the README documents, as (binary, subcommand).
-const COMMANDS: [(&str, Option<&str>); 7] = [
+const COMMANDS: [(&str, Option<&str>); 8] = [
     ("moe", Some("init")),
     ("moe", Some("up")),
     ("moe", Some("generate")),
     ("moe", Some("demo")),
     ("moe", Some("bench")),
+    ("moe", Some("k8s")),
     ("expert-svc", None),
     ("router-svc", None),
 ];

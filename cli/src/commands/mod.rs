@@ -2,6 +2,7 @@ mod bench;
 mod demo;
 mod generate;
 mod init;
+mod k8s;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Closed-loop load: throughput, latency, utilisation, wire traffic.
     Bench(bench::BenchArgs),
+    /// Write Kubernetes manifests (a kustomize directory) for a checkpoint.
+    K8s(k8s::K8sArgs),
 }
 
 impl Cli {
@@ -36,6 +39,7 @@ impl Cli {
             Command::Generate(args) => generate::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::K8s(args) => k8s::run(args),
         }
     }
 }

@@ -11,9 +11,11 @@
 //! Unix socket), so the router, which knows its experts by address, finds
 //! the replacement.
 
+mod autoscaler;
 mod backoff;
 mod options;
 mod process;
+mod scaling;
 mod supervisor;
 #[cfg(test)]
 mod supervisor_tests;
@@ -32,7 +34,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+pub use autoscaler::Autoscaler;
 pub use backoff::RestartBackoff;
+pub use scaling::{ScalePolicy, Stabiliser};
 pub use options::{ClusterOptions, ExpertTransport, ReplicaCount, binaries_dir, replicas_of};
 pub use process::{Process, spawn, start_expert, start_replica};
 pub use supervisor::{ExpertEvent, ExpertSlot};
@@ -55,6 +59,8 @@ pub struct Cluster {
     supervisors: Vec<JoinHandle<()>>,
     /// Holds the experts' Unix sockets, removed with the cluster.
     _sockets: Option<tempfile::TempDir>,
+    /// With `autoscale`: the loop, and the directory of its cluster file.
+    autoscaler: Option<(Autoscaler, tempfile::TempDir)>,
 }
 
 impl Cluster {
@@ -88,7 +94,11 @@ impl Cluster {
             ExpertMode::InProcess => router_args.push("--in-process".into()),
             ExpertMode::Distributed => {
                 for expert in 0..config.num_local_experts {
-                    for replica in 0..replicas_of(&options.replicas, expert) {
+                    let replicas = match &options.autoscale {
+                        Some(policy) => policy.min_replicas.max(1),
+                        None => replicas_of(&options.replicas, expert),
+                    };
+                    for replica in 0..replicas {
                         let listen = match &sockets {
                             Some(dir) => ListenAddr::Unix(
                                 dir.path().join(format!("expert-{expert}-{replica}.sock")),
@@ -99,8 +109,10 @@ impl Cluster {
                         let mut process =
                             start_replica(options, expert, replica, None, &listen, metrics).await?;
                         process.name = slot_name(expert, replica);
-                        router_args.push("--expert".into());
-                        router_args.push(format!("{expert}={}", process.uri()));
+                        if options.autoscale.is_none() {
+                            router_args.push("--expert".into());
+                            router_args.push(format!("{expert}={}", process.uri()));
+                        }
                         let supervisor = Supervisor {
                             name: process.name.clone(),
                             expert,
@@ -133,19 +145,53 @@ impl Cluster {
         if let Some(http) = options.http_listen {
             router_args.extend(["--http-listen".into(), http.to_string()]);
         }
+        let cluster_file = match (&options.autoscale, options.mode) {
+            (Some(_), ExpertMode::Distributed) => {
+                let dir = tempfile::Builder::new()
+                    .prefix("moe-cluster-")
+                    .tempdir()
+                    .context("cannot make a directory for the cluster file")?;
+                let path = dir.path().join("cluster.json");
+                std::fs::write(&path, autoscaler::cluster_file_text(experts.iter()))
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                router_args.extend(["--cluster".into(), path_arg(&path)]);
+                Some((dir, path))
+            }
+            _ => None,
+        };
         router_args.extend(options.router_args.iter().cloned());
         let mut command = Command::new(options.bin_dir.join("router-svc"));
         command.args(&router_args);
         let router = spawn("router-svc".into(), command, options).await?;
-        let cluster = Self {
+        let mut cluster = Self {
             router,
             experts,
             events,
             stop,
             supervisors,
             _sockets: sockets,
+            autoscaler: None,
         };
         cluster.wait_until_serving(options.ready_timeout).await?;
+        if let (Some(policy), Some((dir, path))) = (options.autoscale, cluster_file) {
+            let router_http = cluster
+                .router_http()
+                .context("--autoscale reads the router's signal over HTTP: give it --http-listen")?;
+            let mut initial: Vec<Vec<ExpertSlot>> =
+                (0..config.num_local_experts).map(|_| Vec::new()).collect();
+            for slot in &cluster.experts {
+                initial[slot.expert].push(slot.clone());
+            }
+            let autoscaler = Autoscaler::spawn(autoscaler::Scaled {
+                options: options.clone(),
+                policy,
+                router_http,
+                cluster_file: path,
+                initial,
+                events: cluster.events.clone(),
+            });
+            cluster.autoscaler = Some((autoscaler, dir));
+        }
         Ok(cluster)
     }
 
@@ -158,8 +204,16 @@ impl Cluster {
         self.router.http
     }
 
+    /// Expert processes per expert as `--autoscale` changes them; None
+    /// without it.
+    pub fn replica_counts(&self) -> Option<watch::Receiver<Vec<usize>>> {
+        self.autoscaler
+            .as_ref()
+            .map(|(autoscaler, _)| autoscaler.replicas())
+    }
+
     /// What happens to the expert processes from now on: exits, restarts,
-    /// restarts that failed.
+    /// restarts that failed, scaling.
     pub fn events(&self) -> broadcast::Receiver<ExpertEvent> {
         self.events.subscribe()
     }
@@ -199,6 +253,9 @@ impl Cluster {
     /// restart nothing); SIGKILL for any that is still running after
     /// `grace`.
     pub async fn shutdown(mut self, grace: Duration) {
+        if let Some((autoscaler, _dir)) = self.autoscaler.take() {
+            autoscaler.shutdown().await;
+        }
         self.router.terminate();
         if tokio::time::timeout(grace, self.router.wait())
             .await

@@ -9,6 +9,8 @@ use anyhow::{Context, bail};
 use moe_model::Kernels;
 use moe_proto::ExpertMode;
 
+use super::scaling::ScalePolicy;
+
 /// How the router reaches the expert processes it starts. Both carry the
 /// same gRPC and measured alike on one machine (docs/decisions.md); TCP
 /// is the default because it is how experts on other machines are reached,
@@ -101,6 +103,10 @@ pub struct ClusterOptions {
     pub router_args: Vec<String>,
     /// The router's `--http-listen` (metrics, dashboard); port 0 picks one.
     pub http_listen: Option<SocketAddr>,
+    /// Follow each expert's desired-replicas signal (`moe up --autoscale`):
+    /// the router reads its replicas from a cluster file the launcher
+    /// rewrites, starting with `min_replicas` per expert.
+    pub autoscale: Option<ScalePolicy>,
     /// Environment variables for every child (e.g. `OTEL_*`).
     pub env: Vec<(String, String)>,
     /// Give each expert process a `/metrics` port (one it picks, kept
@@ -134,6 +140,7 @@ impl ClusterOptions {
             router_args: Vec::new(),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             env: Vec::new(),
+            autoscale: None,
             expert_metrics: true,
             kernels: Kernels::Fast,
             ready_timeout: Duration::from_secs(120),
@@ -212,6 +219,7 @@ mod tests {
             router_args: Vec::new(),
             http_listen: None,
             env: Vec::new(),
+            autoscale: None,
             expert_metrics: false,
             kernels: Kernels::Fast,
             ready_timeout: Duration::from_secs(1),

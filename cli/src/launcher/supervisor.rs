@@ -42,6 +42,7 @@ struct SlotState {
 /// One expert process of a cluster, replaced on the same address when it
 /// exits unasked. The handle outlives each process: its signals reach
 /// whichever one runs now.
+#[derive(Clone)]
 pub struct ExpertSlot {
     /// "expert-svc E", or "expert-svc E (replica R)" for R > 0.
     pub name: String,
@@ -184,6 +185,14 @@ pub enum ExpertEvent {
         error: String,
         retry_in: Duration,
     },
+    /// `moe up --autoscale` changed an expert's processes from `from` to
+    /// `to`, following the router's signal (`desired`).
+    Scaled {
+        expert: usize,
+        from: usize,
+        to: usize,
+        desired: usize,
+    },
 }
 
 impl fmt::Display for ExpertEvent {
@@ -227,6 +236,15 @@ impl fmt::Display for ExpertEvent {
             } => write!(
                 f,
                 "{name} did not restart: {error}; retrying in {retry_in:?}"
+            ),
+            Self::Scaled {
+                expert,
+                from,
+                to,
+                desired,
+            } => write!(
+                f,
+                "autoscale: expert {expert} from {from} to {to} processes (signal: {desired})"
             ),
         }
     }

@@ -42,6 +42,7 @@ fn options(bin_dir: &Path, restart_experts: bool) -> ClusterOptions {
         router_args: Vec::new(),
         http_listen: None,
         env: Vec::new(),
+        autoscale: None,
         expert_metrics: false,
         kernels: moe_model::Kernels::Fast,
         ready_timeout: Duration::from_secs(10),

@@ -1,0 +1,235 @@
+//! `moe up --autoscale`: the per-expert control loop Kubernetes runs with
+//! an HPA, on one host. Once a second it reads each expert's
+//! desired-replicas signal from the router (`/api/dashboard`, the same
+//! gauge the HPAs read through Prometheus), stabilises it as the HPA would
+//! ([`super::scaling`]), and starts or stops expert processes to match.
+//!
+//! The router learns the replicas from a cluster file this loop rewrites:
+//! a new replica is added once it listens (the router takes it once it has
+//! checked it); a replica to stop is removed from the file first, so that
+//! the router sends it nothing new, then gets SIGTERM and drains what it
+//! holds, as a pod would.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use moe_proto::ListenAddr;
+use serde::Deserialize;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+use super::scaling::{ScalePolicy, Stabiliser};
+use super::supervisor::{ExpertEvent, ExpertSlot, Supervisor, slot_name};
+use super::{ClusterOptions, start_replica};
+
+/// How often the signal is read.
+const PERIOD: Duration = Duration::from_secs(1);
+/// How long a removed replica keeps its process: long enough for the
+/// router to re-read the cluster file (every 500 ms) and stop sending to
+/// it; then it drains what it holds.
+const LEAVE_BEFORE_STOP: Duration = Duration::from_millis(1500);
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// One expert process the loop started, and how to stop it alone.
+struct Extra {
+    slot: ExpertSlot,
+    stop: watch::Sender<Option<Duration>>,
+    task: JoinHandle<()>,
+}
+
+/// The loop, running; [`Autoscaler::shutdown`] stops it and its processes.
+pub struct Autoscaler {
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    replicas: watch::Receiver<Vec<usize>>,
+}
+
+/// What the loop needs of the cluster it scales.
+pub(super) struct Scaled {
+    pub options: ClusterOptions,
+    pub policy: ScalePolicy,
+    pub router_http: SocketAddr,
+    pub cluster_file: PathBuf,
+    /// The replicas the cluster started with (and keeps), per expert.
+    pub initial: Vec<Vec<ExpertSlot>>,
+    pub events: broadcast::Sender<ExpertEvent>,
+}
+
+#[derive(Deserialize)]
+struct Signal {
+    experts: Vec<ExpertSignal>,
+}
+
+#[derive(Deserialize)]
+struct ExpertSignal {
+    expert: usize,
+    desired: usize,
+}
+
+impl Autoscaler {
+    pub(super) fn spawn(scaled: Scaled) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let counts: Vec<usize> = scaled.initial.iter().map(Vec::len).collect();
+        let (publish, replicas) = watch::channel(counts);
+        let task = tokio::spawn(run(scaled, stopped, publish));
+        Self {
+            task,
+            stop,
+            replicas,
+        }
+    }
+
+    /// Expert processes per expert now, as the loop last changed them.
+    pub fn replicas(&self) -> watch::Receiver<Vec<usize>> {
+        self.replicas.clone()
+    }
+
+    /// Stops the loop and drains the processes it started.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn run(scaled: Scaled, mut stopped: watch::Receiver<bool>, publish: watch::Sender<Vec<usize>>) {
+    let experts = scaled.initial.len();
+    let mut extras: Vec<Vec<Extra>> = (0..experts).map(|_| Vec::new()).collect();
+    let mut stabilisers: Vec<Stabiliser> = (0..experts).map(|_| Stabiliser::default()).collect();
+    let mut next_replica: Vec<usize> = scaled.initial.iter().map(Vec::len).collect();
+    let mut ticks = tokio::time::interval(PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped.wait_for(|stop| *stop) => break,
+        }
+        let signal = match read_signal(scaled.router_http).await {
+            Ok(signal) => signal,
+            Err(err) => {
+                tracing::debug!(%err, "no autoscaling signal this time");
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let mut changed = false;
+        for ExpertSignal { expert, desired } in signal.experts {
+            let Some(started) = extras.get_mut(expert) else {
+                continue;
+            };
+            let kept = scaled.initial[expert].len();
+            let current = kept + started.len();
+            let target = stabilisers[expert]
+                .next(now, desired, current, &scaled.policy)
+                .max(kept);
+            if target == current {
+                continue;
+            }
+            let _ = scaled.events.send(ExpertEvent::Scaled {
+                expert,
+                from: current,
+                to: target,
+                desired,
+            });
+            while kept + started.len() < target {
+                match start_extra(&scaled, expert, next_replica[expert]).await {
+                    Ok(extra) => {
+                        next_replica[expert] += 1;
+                        started.push(extra);
+                    }
+                    Err(err) => {
+                        tracing::warn!(expert, error = %format!("{err:#}"), "cannot start a replica");
+                        break;
+                    }
+                }
+            }
+            let mut leaving = Vec::new();
+            while kept + started.len() > target {
+                leaving.extend(started.pop());
+            }
+            changed = true;
+            if !leaving.is_empty() {
+                // Stopped once the file below no longer lists them.
+                tokio::spawn(async move {
+                    tokio::time::sleep(LEAVE_BEFORE_STOP).await;
+                    stop_all(leaving).await;
+                });
+            }
+        }
+        if changed {
+            write_cluster_file(&scaled, &extras).await;
+            let counts = (0..experts)
+                .map(|expert| scaled.initial[expert].len() + extras[expert].len())
+                .collect();
+            publish.send_replace(counts);
+        }
+    }
+    let all: Vec<Extra> = extras.into_iter().flatten().collect();
+    stop_all(all).await;
+}
+
+async fn read_signal(router: SocketAddr) -> anyhow::Result<Signal> {
+    let (status, body) = crate::http::get(router, "/api/dashboard").await?;
+    anyhow::ensure!(status == 200, "the router answered {status}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// Starts replica `replica` of `expert` under a supervisor of its own
+/// (restarted if it dies, stopped alone when scaled down).
+async fn start_extra(scaled: &Scaled, expert: usize, replica: usize) -> anyhow::Result<Extra> {
+    let options = &scaled.options;
+    let listen = ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let metrics = options.expert_metrics_listen();
+    let mut process = start_replica(options, expert, replica, None, &listen, metrics).await?;
+    process.name = slot_name(expert, replica);
+    let (stop, stop_signal) = watch::channel(None);
+    let supervisor = Supervisor {
+        name: process.name.clone(),
+        expert,
+        replica,
+        addr: process.addr.clone(),
+        metrics: process.http,
+        options: options.clone(),
+        events: scaled.events.clone(),
+    };
+    let (slot, task) = supervisor.start(process, stop_signal);
+    Ok(Extra { slot, stop, task })
+}
+
+async fn stop_all(extras: Vec<Extra>) {
+    for extra in &extras {
+        extra.stop.send_replace(Some(DRAIN_GRACE));
+    }
+    for extra in extras {
+        let _ = extra.task.await;
+        drop(extra.slot);
+    }
+}
+
+/// Rewrites the router's cluster file: every kept and started replica.
+/// Written aside and renamed, so that the router never reads half a file.
+async fn write_cluster_file(scaled: &Scaled, extras: &[Vec<Extra>]) {
+    let text = cluster_file_text(
+        scaled
+            .initial
+            .iter()
+            .zip(extras)
+            .flat_map(|(kept, started)| kept.iter().chain(started.iter().map(|extra| &extra.slot))),
+    );
+    let aside = scaled.cluster_file.with_extension("json.new");
+    let written = async {
+        tokio::fs::write(&aside, text).await?;
+        tokio::fs::rename(&aside, &scaled.cluster_file).await
+    };
+    if let Err(err) = written.await {
+        tracing::warn!(%err, path = %scaled.cluster_file.display(), "cannot rewrite the cluster file");
+    }
+}
+
+/// A cluster file (router-svc's `--cluster`) listing `slots`.
+pub(super) fn cluster_file_text<'a>(slots: impl Iterator<Item = &'a ExpertSlot>) -> String {
+    let experts: Vec<serde_json::Value> = slots
+        .map(|slot| serde_json::json!({"expert": slot.expert, "endpoint": slot.uri()}))
+        .collect();
+    serde_json::json!({ "experts": experts }).to_string()
+}
