@@ -48,7 +48,10 @@ fn dechunk(mut body: &str) -> anyhow::Result<String> {
         if size == 0 {
             return Ok(out);
         }
-        out.push_str(rest.get(..size).ok_or_else(|| anyhow::anyhow!("short chunk"))?);
+        out.push_str(
+            rest.get(..size)
+                .ok_or_else(|| anyhow::anyhow!("short chunk"))?,
+        );
         body = rest.get(size + 2..).unwrap_or("");
     }
 }

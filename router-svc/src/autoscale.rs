@@ -40,7 +40,8 @@ impl Default for AutoscalePolicy {
     }
 }
 
-/// Busy time below which a capacity measurement is noise.
+/// Busy time a capacity measurement spans at least: less is noise. A
+/// lightly loaded expert gathers it over several intervals.
 const MIN_BUSY_SECONDS: f64 = 0.05;
 
 /// One expert's smoothed demand and learned capacity.
@@ -50,6 +51,10 @@ pub struct ExpertDemand {
     demand: Option<f64>,
     /// Rows per busy second of one replica.
     capacity: Option<f64>,
+    /// Served rows and busy seconds not yet measured (too little busy
+    /// time so far).
+    pending_rows: f64,
+    pending_busy: f64,
 }
 
 /// What was observed of an expert over the last interval.
@@ -77,8 +82,11 @@ impl ExpertDemand {
             Some(demand) => demand + weight * (rate - demand),
             None => rate,
         });
-        if seen.busy_seconds >= MIN_BUSY_SECONDS && seen.rows_served > 0.0 {
-            let measured = seen.rows_served / seen.busy_seconds;
+        self.pending_rows += seen.rows_served;
+        self.pending_busy += seen.busy_seconds;
+        if self.pending_busy >= MIN_BUSY_SECONDS && self.pending_rows > 0.0 {
+            let measured = self.pending_rows / self.pending_busy;
+            (self.pending_rows, self.pending_busy) = (0.0, 0.0);
             // Capacity changes slowly (hardware, batch sizes): the same
             // smoothing, so that one odd interval does not swing it.
             self.capacity = Some(match self.capacity {
@@ -163,7 +171,10 @@ mod tests {
         run(&mut expert, &[second(2000.0, 1000.0); 30]);
         let after = run(&mut expert, &[second(100.0, 1000.0); 40]);
         assert_eq!(*after.last().unwrap(), 1, "{after:?}");
-        assert!(after.windows(2).all(|w| w[1] <= w[0]), "monotone: {after:?}");
+        assert!(
+            after.windows(2).all(|w| w[1] <= w[0]),
+            "monotone: {after:?}"
+        );
     }
 
     #[test]
@@ -185,6 +196,18 @@ mod tests {
         let slow_replicas = run(&mut slow, &[second(1000.0, 250.0); 40]);
         assert_eq!(*fast_replicas.last().unwrap(), 2);
         assert_eq!(*slow_replicas.last().unwrap(), 8);
+    }
+
+    #[test]
+    fn a_lightly_loaded_expert_measures_its_capacity_over_several_intervals() {
+        let mut expert = ExpertDemand::default();
+        // 10 rows/s at 1000 rows per busy second: 0.01 busy seconds a
+        // second, a measurement every 5 s.
+        run(&mut expert, &[second(10.0, 1000.0); 4]);
+        assert_eq!(expert.capacity(), None);
+        run(&mut expert, &[second(10.0, 1000.0)]);
+        let capacity = expert.capacity().unwrap();
+        assert!((capacity - 1000.0).abs() < 1e-6, "{capacity}");
     }
 
     #[test]

@@ -230,7 +230,7 @@ pub const EXPERT_DESIRED_REPLICAS: MetricSpec = spec!(
     "{replica}",
     ["expert"],
     NONE,
-    "Replicas the expert should have for its routed load (the autoscaling signal)."
+    "Replicas the expert should have: smoothed routed rows per second over what one replica computes per busy second at the target utilisation (the autoscaling signal)."
 );
 pub const EXPERT_RESENDS: MetricSpec = spec!(
     Router,
@@ -429,11 +429,14 @@ mod readme {
     /// `MOE_WRITE_README=1 cargo test -p moe-telemetry readme`.
     #[test]
     fn the_readmes_metrics_reference_is_the_catalog() {
-        const START: &str = "<!-- metrics-reference:start (generated from telemetry/src/catalog.rs) -->\n";
+        const START: &str =
+            "<!-- metrics-reference:start (generated from telemetry/src/catalog.rs) -->\n";
         const END: &str = "<!-- metrics-reference:end -->";
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
         let readme = std::fs::read_to_string(&path).unwrap();
-        let (before, rest) = readme.split_once(START).expect("the README has the start marker");
+        let (before, rest) = readme
+            .split_once(START)
+            .expect("the README has the start marker");
         let (current, after) = rest.split_once(END).expect("the README has the end marker");
         let generated = super::markdown_reference();
         if std::env::var_os("MOE_WRITE_README").is_some() {

@@ -48,8 +48,15 @@ async fn each_service_exports_every_catalog_metric_and_every_expert_has_its_seri
             Service::Expert => (&expert_families, &router_families),
         };
         let name = spec.prometheus_name();
-        assert!(page.contains(&name), "{name} missing from {:?}'s /metrics", spec.service);
-        assert!(!other.contains(&name), "{name} exported by the wrong service");
+        assert!(
+            page.contains(&name),
+            "{name} missing from {:?}'s /metrics",
+            spec.service
+        );
+        assert!(
+            !other.contains(&name),
+            "{name} exported by the wrong service"
+        );
     }
     assert_eq!(
         router_families.len() + expert_families.len(),
@@ -73,7 +80,9 @@ async fn each_service_exports_every_catalog_metric_and_every_expert_has_its_seri
     let expert_series: usize = {
         let mut total = 0;
         for expert in &cluster.experts {
-            let (_, page) = http::get(expert.metrics.unwrap(), "/metrics").await.unwrap();
+            let (_, page) = http::get(expert.metrics.unwrap(), "/metrics")
+                .await
+                .unwrap();
             total += series(&page);
         }
         total

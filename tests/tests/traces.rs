@@ -145,7 +145,7 @@ fn chain(spans: &[Received]) -> Option<Vec<Received>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_requests_trace_links_generate_step_dispatch_and_the_expert_call_to_the_experts_product()
-{
+ {
     let collector = Collector::default();
     let endpoint = start_collector(collector.clone()).await;
     let checkpoint = tiny_checkpoint();
@@ -179,7 +179,13 @@ async fn one_requests_trace_links_generate_step_dispatch_and_the_expert_call_to_
     let services: Vec<&str> = chain.iter().map(|span| span.service.as_str()).collect();
     assert_eq!(
         services,
-        ["router-svc", "router-svc", "router-svc", "router-svc", "expert-svc"],
+        [
+            "router-svc",
+            "router-svc",
+            "router-svc",
+            "router-svc",
+            "expert-svc"
+        ],
         "{chain:#?}"
     );
     let root = &chain[0];

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use moe::launcher::{Cluster, ClusterOptions, ExpertEvent, ExpertTransport, ReplicaCount};
+use moe::launcher::{
+    Cluster, ClusterOptions, ExpertEvent, ExpertTransport, ReplicaCount, ScalePolicy,
+};
 use moe_model::Kernels;
 use moe_proto::ExpertMode;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -21,6 +23,24 @@ pub struct UpArgs {
     /// /dashboard (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub http_listen: SocketAddr,
+    /// Follow each expert's desired-replicas signal: start and stop its
+    /// expert processes as the HPA would on Kubernetes.
+    #[arg(long)]
+    pub autoscale: bool,
+    /// With --autoscale: the fewest processes per expert.
+    #[arg(long, default_value_t = 1)]
+    pub min_replicas: usize,
+    /// With --autoscale: the most processes per expert.
+    #[arg(long, default_value_t = 4)]
+    pub max_replicas: usize,
+    /// With --autoscale: scale up only to what the signal asked for this
+    /// long (the HPA's scale-up stabilisation window).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub scale_up_window: Duration,
+    /// With --autoscale: scale down only once the signal stayed lower this
+    /// long (the HPA's scale-down stabilisation window).
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub scale_down_window: Duration,
     /// gemm threads per expert process (RAYON_NUM_THREADS).
     #[arg(long, default_value_t = 1)]
     pub expert_threads: usize,
@@ -52,7 +72,20 @@ pub struct UpArgs {
 
 impl UpArgs {
     pub fn cluster_options(&self) -> anyhow::Result<ClusterOptions> {
+        anyhow::ensure!(
+            (1..=self.max_replicas).contains(&self.min_replicas),
+            "--min-replicas {} must be at least 1 and at most --max-replicas {}",
+            self.min_replicas,
+            self.max_replicas
+        );
+        let autoscale = self.autoscale.then_some(ScalePolicy {
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas,
+            up_window: self.scale_up_window,
+            down_window: self.scale_down_window,
+        });
         Ok(ClusterOptions {
+            autoscale,
             router_listen: self.listen,
             expert_threads: self.expert_threads,
             expert_transport: self.expert_transport,

@@ -92,7 +92,11 @@ impl Autoscaler {
     }
 }
 
-async fn run(scaled: Scaled, mut stopped: watch::Receiver<bool>, publish: watch::Sender<Vec<usize>>) {
+async fn run(
+    scaled: Scaled,
+    mut stopped: watch::Receiver<bool>,
+    publish: watch::Sender<Vec<usize>>,
+) {
     let experts = scaled.initial.len();
     let mut extras: Vec<Vec<Extra>> = (0..experts).map(|_| Vec::new()).collect();
     let mut stabilisers: Vec<Stabiliser> = (0..experts).map(|_| Stabiliser::default()).collect();

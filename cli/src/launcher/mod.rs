@@ -36,9 +36,9 @@ use tonic_health::pb::health_client::HealthClient;
 
 pub use autoscaler::Autoscaler;
 pub use backoff::RestartBackoff;
-pub use scaling::{ScalePolicy, Stabiliser};
 pub use options::{ClusterOptions, ExpertTransport, ReplicaCount, binaries_dir, replicas_of};
 pub use process::{Process, spawn, start_expert, start_replica};
+pub use scaling::{ScalePolicy, Stabiliser};
 pub use supervisor::{ExpertEvent, ExpertSlot};
 
 use supervisor::{Supervisor, slot_name};
@@ -174,9 +174,9 @@ impl Cluster {
         };
         cluster.wait_until_serving(options.ready_timeout).await?;
         if let (Some(policy), Some((dir, path))) = (options.autoscale, cluster_file) {
-            let router_http = cluster
-                .router_http()
-                .context("--autoscale reads the router's signal over HTTP: give it --http-listen")?;
+            let router_http = cluster.router_http().context(
+                "--autoscale reads the router's signal over HTTP: give it --http-listen",
+            )?;
             let mut initial: Vec<Vec<ExpertSlot>> =
                 (0..config.num_local_experts).map(|_| Vec::new()).collect();
             for slot in &cluster.experts {

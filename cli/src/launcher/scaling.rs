@@ -41,7 +41,13 @@ pub struct Stabiliser {
 impl Stabiliser {
     /// The replicas to run now, given the signal's `desired` at `at` and
     /// the `current` count.
-    pub fn next(&mut self, at: Instant, desired: usize, current: usize, policy: &ScalePolicy) -> usize {
+    pub fn next(
+        &mut self,
+        at: Instant,
+        desired: usize,
+        current: usize,
+        policy: &ScalePolicy,
+    ) -> usize {
         let bounded = |replicas: usize| replicas.clamp(policy.min_replicas, policy.max_replicas);
         self.recommendations.push_back((at, bounded(desired)));
         let longest = policy.up_window.max(policy.down_window);

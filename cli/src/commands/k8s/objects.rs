@@ -96,6 +96,12 @@ pub fn router(plan: &Plan) -> Vec<Value> {
         sizing::router_kv_cache_bytes(&plan.config, plan.dtype).to_string(),
         "--shutdown-grace-secs".into(),
         ROUTER_SHUTDOWN_GRACE_SECS.to_string(),
+        // The gauge asks for what the autoscalers may give, so that the
+        // dashboard's desired count is the one they follow.
+        "--autoscale-min-replicas".into(),
+        plan.min_replicas.to_string(),
+        "--autoscale-max-replicas".into(),
+        plan.max_replicas.to_string(),
         "--log-format".into(),
         "json".into(),
     ]);
