@@ -44,19 +44,17 @@ where
                 .map(|span| span.name().into())
                 .collect();
             line.insert("spans".into(), Value::Array(spans));
-            let traced = tracing::dispatcher::get_default(|dispatch| {
-                tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
-            });
-            if let Some(cx) = traced {
-                let span_context = cx.span().span_context().clone();
-                if span_context.is_valid() {
-                    line.insert(
-                        "trace_id".into(),
-                        span_context.trace_id().to_string().into(),
-                    );
-                    line.insert("span_id".into(), span_context.span_id().to_string().into());
-                }
-            }
+        }
+        // The OpenTelemetry layer makes an entered span's context current
+        // (the dispatcher itself cannot be asked from inside an event).
+        let cx = opentelemetry::Context::current();
+        let span_context = cx.span().span_context().clone();
+        if span_context.is_valid() {
+            line.insert(
+                "trace_id".into(),
+                span_context.trace_id().to_string().into(),
+            );
+            line.insert("span_id".into(), span_context.span_id().to_string().into());
         }
         writeln!(writer, "{}", Value::Object(line))
     }
@@ -88,5 +86,67 @@ impl Visit for FieldsToJson {
 
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.0.insert(field.name().into(), value.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry::trace::TracerProvider;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::JsonWithTraceIds;
+
+    /// Log lines written to memory.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_line_inside_a_traced_span_carries_its_trace_and_span_ids() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let tracer = SdkTracerProvider::builder().build().tracer("test");
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(tracer))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(JsonWithTraceIds)
+                    .with_writer(move || writer.clone()),
+            );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(outside = 1, "before any span");
+            let span = tracing::info_span!("generate");
+            let _entered = span.enter();
+            tracing::info!(rows = 3, "inside");
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("one JSON object a line"))
+            .collect();
+        assert_eq!(parsed.len(), 2, "{text}");
+        assert_eq!(parsed[0]["fields"]["message"], "before any span");
+        assert!(parsed[0].get("trace_id").is_none());
+        let inside = &parsed[1];
+        assert_eq!(inside["fields"]["rows"], 3);
+        assert_eq!(inside["span"], "generate");
+        let trace_id = inside["trace_id"].as_str().expect("a trace id");
+        let span_id = inside["span_id"].as_str().expect("a span id");
+        assert_eq!((trace_id.len(), span_id.len()), (32, 16));
+        assert_ne!(trace_id, "0".repeat(32));
     }
 }
