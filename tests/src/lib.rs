@@ -21,6 +21,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 mod binaries;
 pub mod dns;
 pub mod http;
+pub mod load;
 
 pub use moe::client;
 pub use tonic_health::pb::health_check_response::ServingStatus;

@@ -12,13 +12,11 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use moe_e2e::http::{get, program};
-use moe_e2e::{generate, greedy, start_with, tiny_checkpoint, within};
-use tokio::task::JoinHandle;
+use moe_e2e::load::Load;
+use moe_e2e::{start_with, tiny_checkpoint, within};
 
 /// Experts of the tiny checkpoint; the page must show a row for each.
 const EXPERTS: usize = 16;
@@ -50,7 +48,7 @@ async fn a_browser_shows_every_expert_busy_on_the_dashboard_under_load() {
     let model = tiny_checkpoint();
     let cluster = start_with(model.path(), |_| {}).await;
     let http = cluster.router_http().expect("the router serves HTTP");
-    let load = Load::start(&cluster.router_uri());
+    let load = Load::start(&cluster.router_uri(), CONCURRENCY, 48);
 
     let layers = within(
         "every expert has rows in the dashboard's rate window",
@@ -96,66 +94,10 @@ async fn a_browser_shows_every_expert_busy_on_the_dashboard_under_load() {
     );
     println!("dashboard screenshot: {}", screenshot.display());
 
-    load.stop().await;
+    let generations = load.stop().await;
+    println!("load: {generations} generations");
     cluster.shutdown(Duration::from_secs(5)).await;
     println!("took {:.1?}", started.elapsed());
-}
-
-/// Generations in a loop on [`CONCURRENCY`] tasks until stopped: the
-/// dashboard shows rates over a window, so it needs load for as long as a
-/// browser looks at it, not one burst.
-struct Load {
-    stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<u64>>,
-}
-
-impl Load {
-    fn start(uri: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let workers = (0..CONCURRENCY)
-            .map(|worker| {
-                let (uri, stop) = (uri.to_owned(), stop.clone());
-                tokio::spawn(async move {
-                    let mut done = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        generate(&uri, request(worker as u64, done))
-                            .await
-                            .expect("a generation under load succeeds");
-                        done += 1;
-                    }
-                    done
-                })
-            })
-            .collect();
-        Self { stop, workers }
-    }
-
-    /// Stops the loops after their current generations; panics if any
-    /// generation failed.
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut done = 0;
-        for worker in self.workers {
-            done += within("a load worker stops", worker)
-                .await
-                .expect("the load worker did not panic");
-        }
-        println!("load: {done} generations");
-    }
-}
-
-/// Seeded sampling over prompts that differ per worker and round, so that
-/// the router's top-2 choices wander over all experts instead of repeating
-/// one greedy path.
-fn request(worker: u64, round: u64) -> moe_proto::v1::GenerateRequest {
-    let prompt: Vec<u32> = (0..8u64)
-        .map(|j| ((worker * 131 + round * 17 + j * 29) % 500 + 2) as u32)
-        .collect();
-    let mut request = greedy(&prompt, 48);
-    request.logprobs = false;
-    request.temperature = Some(1.0);
-    request.seed = Some(worker * 1_000_003 + round);
-    request
 }
 
 /// Polls `/api/dashboard` until every expert's rows/s is at least 0.1 (the

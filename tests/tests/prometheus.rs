@@ -14,14 +14,12 @@ use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use moe_e2e::http::{encode, get, program};
-use moe_e2e::{generate, greedy, start_with, tiny_checkpoint, within};
+use moe_e2e::load::Load;
+use moe_e2e::{start_with, tiny_checkpoint, within};
 use serde_json::Value;
-use tokio::task::JoinHandle;
 
 /// Experts of the tiny checkpoint: a per-expert query must give each one.
 const EXPERTS: usize = 16;
@@ -63,7 +61,7 @@ async fn prometheus_answers_every_dashboard_query_and_rule_from_a_live_cluster()
         .map(|slot| slot.metrics.expect("each expert serves /metrics"))
         .collect();
     assert_eq!(experts.len(), EXPERTS, "one process per expert");
-    let load = Load::start(&cluster.router_uri());
+    let load = Load::start(&cluster.router_uri(), CONCURRENCY, 32);
 
     let prometheus = Prometheus::start(router, &experts, &rules).await;
     let rule_queries = rule_queries(&prometheus).await;
@@ -432,53 +430,3 @@ fn free_loopback_port() -> SocketAddr {
     listener.local_addr().expect("its address")
 }
 
-/// Generations in a loop on a few connections until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    workers: Vec<JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(uri: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let workers = (0..CONCURRENCY as u64)
-            .map(|worker| {
-                let (uri, stop) = (uri.to_owned(), stop.clone());
-                tokio::spawn(async move {
-                    let mut round = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        generate(&uri, request(worker, round))
-                            .await
-                            .expect("a generation under load succeeds");
-                        round += 1;
-                    }
-                })
-            })
-            .collect();
-        Self { stop, workers }
-    }
-
-    /// Stops the loops after their current generations; panics if any
-    /// generation failed.
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for worker in self.workers {
-            within("a load worker stops", worker)
-                .await
-                .expect("the load worker did not panic");
-        }
-    }
-}
-
-/// Seeded sampling over prompts that differ per worker and round, so that
-/// the gate's choices wander over all experts.
-fn request(worker: u64, round: u64) -> moe_proto::v1::GenerateRequest {
-    let prompt: Vec<u32> = (0..8u64)
-        .map(|j| ((worker * 131 + round * 17 + j * 29) % 500 + 2) as u32)
-        .collect();
-    let mut request = greedy(&prompt, 32);
-    request.logprobs = false;
-    request.temperature = Some(1.0);
-    request.seed = Some(worker * 1_000_003 + round);
-    request
-}

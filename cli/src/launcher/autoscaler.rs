@@ -20,8 +20,8 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use super::scaling::{ScalePolicy, Stabiliser};
-use super::supervisor::{ExpertEvent, ExpertSlot, Supervisor, slot_name};
-use super::{ClusterOptions, start_replica};
+use super::supervisor::{ExpertEvent, ExpertSlot, Supervisor};
+use super::ClusterOptions;
 
 /// How often the signal is read.
 const PERIOD: Duration = Duration::from_secs(1);
@@ -181,22 +181,16 @@ async fn read_signal(router: SocketAddr) -> anyhow::Result<Signal> {
 /// Starts replica `replica` of `expert` under a supervisor of its own
 /// (restarted if it dies, stopped alone when scaled down).
 async fn start_extra(scaled: &Scaled, expert: usize, replica: usize) -> anyhow::Result<Extra> {
-    let options = &scaled.options;
     let listen = ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)));
-    let metrics = options.expert_metrics_listen();
-    let mut process = start_replica(options, expert, replica, None, &listen, metrics).await?;
-    process.name = slot_name(expert, replica);
     let (stop, stop_signal) = watch::channel(None);
-    let supervisor = Supervisor {
-        name: process.name.clone(),
-        expert,
-        replica,
-        addr: process.addr.clone(),
-        metrics: process.http,
-        options: options.clone(),
-        events: scaled.events.clone(),
-    };
-    let (slot, task) = supervisor.start(process, stop_signal);
+    let (slot, task) = Supervisor::start_replica(
+        &scaled.options,
+        &scaled.events,
+        (expert, replica),
+        &listen,
+        stop_signal,
+    )
+    .await?;
     Ok(Extra { slot, stop, task })
 }
 

@@ -41,7 +41,7 @@ pub use process::{Process, spawn, start_expert, start_replica};
 pub use scaling::{ScalePolicy, Stabiliser};
 pub use supervisor::{ExpertEvent, ExpertSlot};
 
-use supervisor::{Supervisor, slot_name};
+use supervisor::Supervisor;
 
 /// Events the supervisors report that a slow listener may fall behind on
 /// before it misses the oldest.
@@ -105,25 +105,18 @@ impl Cluster {
                             ),
                             None => ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
                         };
-                        let metrics = options.expert_metrics_listen();
-                        let mut process =
-                            start_replica(options, expert, replica, None, &listen, metrics).await?;
-                        process.name = slot_name(expert, replica);
+                        let (slot, task) = Supervisor::start_replica(
+                            options,
+                            &events,
+                            (expert, replica),
+                            &listen,
+                            stop.subscribe(),
+                        )
+                        .await?;
                         if options.autoscale.is_none() {
                             router_args.push("--expert".into());
-                            router_args.push(format!("{expert}={}", process.uri()));
+                            router_args.push(format!("{expert}={}", slot.uri()));
                         }
-                        let supervisor = Supervisor {
-                            name: process.name.clone(),
-                            expert,
-                            replica,
-                            // The bound address: a restart reuses the port.
-                            addr: process.addr.clone(),
-                            metrics: process.http,
-                            options: options.clone(),
-                            events: events.clone(),
-                        };
-                        let (slot, task) = supervisor.start(process, stop.subscribe());
                         experts.push(slot);
                         supervisors.push(task);
                     }

@@ -272,6 +272,31 @@ pub(super) struct Supervisor {
 }
 
 impl Supervisor {
+    /// Starts replica `replica` of `expert` on `listen` and hands it to a
+    /// new supervisor task that `stop` stops; the slot is its handle.
+    pub async fn start_replica(
+        options: &ClusterOptions,
+        events: &broadcast::Sender<ExpertEvent>,
+        (expert, replica): (usize, usize),
+        listen: &ListenAddr,
+        stop: watch::Receiver<Option<Duration>>,
+    ) -> anyhow::Result<(ExpertSlot, JoinHandle<()>)> {
+        let metrics = options.expert_metrics_listen();
+        let mut process = start_replica(options, expert, replica, None, listen, metrics).await?;
+        process.name = slot_name(expert, replica);
+        let supervisor = Supervisor {
+            name: process.name.clone(),
+            expert,
+            replica,
+            // The bound address: a restart reuses the port.
+            addr: process.addr.clone(),
+            metrics: process.http,
+            options: options.clone(),
+            events: events.clone(),
+        };
+        Ok(supervisor.start(process, stop))
+    }
+
     /// Hands `process` to a new supervisor task; the slot is its handle.
     pub fn start(
         self,
