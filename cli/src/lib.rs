@@ -5,3 +5,4 @@ pub mod bench;
 pub mod client;
 pub mod http;
 pub mod launcher;
+pub mod pki;

@@ -206,6 +206,7 @@ fn validate(label: &str, objects: &[Value], scratch: &Path) {
             "monitoring.coreos.com_prometheusrule_v1.json",
         ),
         ("ScaledObject", "keda.sh_scaledobject_v1alpha1.json"),
+        ("Certificate", "cert-manager.io_certificate_v1.json"),
     ]);
     let (custom, builtin): (Vec<&Value>, Vec<&Value>) = objects
         .iter()
@@ -463,11 +464,20 @@ fn check_wiring(label: &str, objects: &[Value]) {
             "{label}: {}",
             name(deployment)
         );
-        let readiness = &container(deployment)["readinessProbe"]["grpc"];
-        assert_eq!(readiness["service"], "moe.v1.Expert");
+        let probe = &container(deployment)["readinessProbe"];
+        // With --tls, a TCP probe of the same port (kubelet speaks no TLS).
+        let readiness = match probe.get("grpc") {
+            Some(grpc) => {
+                assert_eq!(grpc["service"], "moe.v1.Expert");
+                grpc
+            }
+            None => &probe["tcpSocket"],
+        };
         assert_eq!(
             readiness["port"],
-            container(deployment)["ports"][0]["containerPort"]
+            container(deployment)["ports"][0]["containerPort"],
+            "{label}: {}",
+            name(deployment)
         );
     }
 }
@@ -572,6 +582,111 @@ fn the_objects_are_wired_to_each_other() {
     moe_k8s(&eight, &keda, &["--autoscaler", "keda"]);
     assert_eq!(count(&render(&keda), "Deployment"), 8 + 1);
     assert_eq!(files_under(&keda.join("experts")).len(), 8);
+}
+
+/// `--tls --cert-manager`: every pod mounts the Secret its TLS flags
+/// name, the Certificates make exactly those Secrets, and the experts'
+/// certificate carries every name the router dials.
+#[test]
+fn tls_mounts_certificates_from_secrets_that_cert_manager_makes() {
+    let temp = tempfile::tempdir().unwrap();
+    let out = temp.path().join("tls");
+    moe_k8s(
+        &repo().join("deploy/models/small"),
+        &out,
+        &["--tls", "--cert-manager", "ClusterIssuer/moe-ca"],
+    );
+    let objects = render(&out);
+    validate("tls", &objects, temp.path());
+    check_wiring("tls", &objects);
+    let certificates = of_kind(&objects, "Certificate");
+    let secrets: BTreeSet<&str> = certificates
+        .iter()
+        .map(|c| c["spec"]["secretName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        secrets,
+        BTreeSet::from(["router-tls", "router-expert-client-tls", "expert-tls"])
+    );
+    assert!(
+        certificates
+            .iter()
+            .all(|c| c["spec"]["issuerRef"]["kind"] == "ClusterIssuer"
+                && c["spec"]["issuerRef"]["name"] == "moe-ca")
+    );
+    let expert_names: BTreeSet<&str> = certificates
+        .iter()
+        .find(|c| c["spec"]["secretName"] == "expert-tls")
+        .unwrap()["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    for deployment in of_kind(&objects, "Deployment") {
+        let args = args(deployment);
+        let flags: &[&str] = if is_router(deployment) {
+            &[
+                "--tls-cert",
+                "--tls-key",
+                "--expert-tls-ca",
+                "--expert-tls-cert",
+                "--expert-tls-key",
+            ]
+        } else {
+            &["--tls-cert", "--tls-key", "--tls-ca"]
+        };
+        let mounts: Vec<&str> = container(deployment)["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["mountPath"].as_str().unwrap())
+            .collect();
+        let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
+        for flag_name in flags {
+            let path = flag(&args, flag_name)
+                .unwrap_or_else(|| panic!("{}: no {flag_name}", name(deployment)));
+            let mount = mounts
+                .iter()
+                .find(|m| path.starts_with(&format!("{m}/")))
+                .unwrap_or_else(|| panic!("{}: {path} is not mounted", name(deployment)));
+            let secret = mount.rsplit('/').next().unwrap();
+            assert!(secrets.contains(secret), "{mount}");
+            assert!(
+                volumes
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v["secret"]["secretName"] == secret),
+                "{}: no volume of {secret}",
+                name(deployment)
+            );
+        }
+        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+            assert!(
+                container(deployment)[probe].get("grpc").is_none(),
+                "{}: a gRPC {probe} cannot speak TLS",
+                name(deployment)
+            );
+        }
+        if is_router(deployment) {
+            for (index, arg) in args.iter().enumerate() {
+                if *arg == "--expert" {
+                    let host = args[index + 1]
+                        .split_once("dns:///")
+                        .unwrap()
+                        .1
+                        .rsplit_once(':')
+                        .unwrap()
+                        .0;
+                    assert!(
+                        expert_names.contains(host),
+                        "{host} is not in the certificate"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

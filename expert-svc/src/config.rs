@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use moe_model::{Kernels, WeightDType};
 use moe_proto::ListenAddr;
+use moe_proto::tls::{Identity, ServerTlsFiles};
 use moe_telemetry::LogFormat;
 
 /// Serve one expert of a Mixture-of-Experts checkpoint over gRPC.
@@ -51,6 +52,27 @@ pub struct Args {
     /// Seconds to finish in-flight messages after SIGTERM before exiting.
     #[arg(long, env = "MOE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// Rows one Forward message may hold at most: a larger message is
+    /// refused (RESOURCE_EXHAUSTED) from its length, before it is read. A
+    /// router sends at most one row per token of a step, so this must be at
+    /// least its --max-batch-tokens.
+    #[arg(long, env = "MOE_MAX_ROWS", default_value_t = moe_proto::limits::DEFAULT_MAX_ROWS)]
+    pub max_rows: usize,
+    /// HTTP/2 streams one connection may have open at once (a router
+    /// needs one Forward stream and a health watch per connection).
+    #[arg(long, env = "MOE_MAX_CONCURRENT_STREAMS", default_value_t = moe_proto::limits::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
+    /// Serve over mutual TLS with this certificate chain (PEM; re-read
+    /// when it changes). Needs --tls-key and --tls-ca.
+    #[arg(long, env = "MOE_TLS_CERT", value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "MOE_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept only clients (routers) with a certificate this CA (PEM)
+    /// signed; others cannot connect.
+    #[arg(long, env = "MOE_TLS_CA", value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +86,12 @@ pub struct Config {
     /// None: the device's default ([`WeightDType::resolve`]).
     pub dtype: Option<WeightDType>,
     pub shutdown_grace: Duration,
+    /// `--max-rows`.
+    pub max_rows: usize,
+    /// `--max-concurrent-streams`.
+    pub max_concurrent_streams: u32,
+    /// Mutual TLS: this process's certificate and its clients' CA.
+    pub tls: Option<ServerTlsFiles>,
 }
 
 impl TryFrom<Args> for Config {
@@ -71,6 +99,9 @@ impl TryFrom<Args> for Config {
 
     fn try_from(args: Args) -> Result<Self, Self::Error> {
         let layers = args.layers.as_deref().map(parse_layers).transpose()?;
+        if args.max_rows == 0 || args.max_concurrent_streams == 0 {
+            return Err("--max-rows and --max-concurrent-streams must be positive".into());
+        }
         Ok(Self {
             model: args.model,
             expert: args.expert,
@@ -80,6 +111,16 @@ impl TryFrom<Args> for Config {
             kernels: args.kernels,
             dtype: args.dtype,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+            max_rows: args.max_rows,
+            max_concurrent_streams: args.max_concurrent_streams,
+            tls: match (args.tls_cert, args.tls_key, args.tls_ca) {
+                (Some(cert), Some(key), Some(ca)) => Some(ServerTlsFiles {
+                    identity: Identity { cert, key },
+                    client_ca: Some(ca),
+                }),
+                (None, None, None) => None,
+                _ => return Err("--tls-cert, --tls-key and --tls-ca go together".into()),
+            },
         })
     }
 }

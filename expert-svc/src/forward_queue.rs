@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
@@ -48,6 +48,38 @@ pub struct ForwardQueue {
     waiting: Mutex<Vec<Job>>,
     counters: Counters,
     metrics: Arc<ExpertMetrics>,
+    busy: Mutex<BusyClock>,
+}
+
+/// Wall time with at least one pass running. Passes of different streams
+/// can run at once on different threads; counted once, the busy seconds'
+/// rate stays a fraction of wall time (what dashboards and the autoscaler
+/// read it as).
+#[derive(Debug, Default)]
+struct BusyClock {
+    running: u32,
+    /// Busy time is accounted up to here.
+    accounted_to: Option<Instant>,
+}
+
+impl BusyClock {
+    fn start(&mut self, now: Instant) {
+        if self.running == 0 {
+            self.accounted_to = Some(now);
+        }
+        self.running += 1;
+    }
+
+    /// A pass ended at `now`: the busy time since last accounted.
+    fn end(&mut self, now: Instant) -> Duration {
+        let busy = self
+            .accounted_to
+            .map(|since| now.saturating_duration_since(since))
+            .unwrap_or_default();
+        self.accounted_to = Some(now);
+        self.running = self.running.saturating_sub(1);
+        busy
+    }
 }
 
 impl ForwardQueue {
@@ -57,6 +89,7 @@ impl ForwardQueue {
             waiting: Mutex::new(Vec::new()),
             counters: Counters::default(),
             metrics,
+            busy: Mutex::default(),
         }
     }
 
@@ -107,15 +140,17 @@ impl ForwardQueue {
             self.counters.rows.fetch_add(rows as u64, Ordering::Relaxed);
             self.counters.passes.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
+            lock(&self.busy).start(started);
             for job in &batch {
                 self.metrics.waited(started.duration_since(job.queued_at));
             }
             run_pass(&self.weights, layer, batch);
-            let took = started.elapsed();
-            self.metrics.product(rows, took);
+            let ended = Instant::now();
+            let busy = lock(&self.busy).end(ended);
+            self.metrics.product(rows, ended - started, busy);
             self.counters
                 .busy_nanos
-                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+                .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
         }
     }
 
@@ -132,10 +167,12 @@ impl ForwardQueue {
     /// in it (jobs are taken out before they run), so a poisoned lock is
     /// still sound to use.
     fn waiting(&self) -> MutexGuard<'_, Vec<Job>> {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+        lock(&self.waiting)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
 /// One forward pass for every job of `layer`; each job's reply gets its rows.
@@ -274,6 +311,22 @@ mod tests {
         queue.submit(2, rows(1, 0), Box::new(|_| {})).unwrap();
         queue.run_queued();
         assert_eq!(queue.counters().passes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn overlapping_passes_count_their_wall_time_once() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut clock = BusyClock::default();
+        // A runs 0-10 ms, B 5-20 ms: busy 0-20 ms, not 25 ms.
+        clock.start(at(0));
+        clock.start(at(5));
+        let a = clock.end(at(10));
+        let b = clock.end(at(20));
+        assert_eq!(a + b, Duration::from_millis(20));
+        // Idle 20-30 ms counts nothing; C runs 30-34 ms.
+        clock.start(at(30));
+        assert_eq!(clock.end(at(34)), Duration::from_millis(4));
     }
 
     #[test]

@@ -26,9 +26,14 @@ async fn serve() -> anyhow::Result<()> {
         moe_telemetry::http::serve(listener, routes);
     }
     let config = Config::try_from(args).map_err(anyhow::Error::msg)?;
+    let tls = (config.tls.clone())
+        .map(moe_proto::tls::server)
+        .transpose()
+        .context("--tls-cert/--tls-key/--tls-ca")?;
     let listener = moe_proto::Listener::bind(&config.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+        .with_context(|| format!("cannot listen on {}", config.listen))?
+        .with_tls(tls);
     // Launchers and tests read this line to learn the port when given :0.
     println!("expert-svc listening on {}", listener.local_addr()?);
     let served = expert_svc::run(

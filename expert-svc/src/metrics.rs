@@ -72,11 +72,12 @@ impl ExpertMetrics {
         self.queue_wait.record(waited.as_secs_f64());
     }
 
-    /// One product of `rows` rows took `took`.
-    pub fn product(&self, rows: usize, took: Duration) {
+    /// One product of `rows` rows took `took`, of which `busy` was not
+    /// already counted as busy (by a product running at the same time).
+    pub fn product(&self, rows: usize, took: Duration, busy: Duration) {
         self.product_rows.record(rows as f64);
         self.compute.record(took.as_secs_f64());
-        self.busy.add(took.as_secs_f64());
+        self.busy.add(busy.as_secs_f64());
     }
 
     /// A message was answered with an error of `code`.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use moe_model::{Checkpoint, WeightDType, parse_device};
 use moe_proto::v1::expert_server::ExpertServer;
-use moe_proto::{Listener, transport};
+use moe_proto::{Listener, ServerLimits, transport};
 use moe_telemetry::Meter;
 
 use crate::metrics::ExpertMetrics;
@@ -39,6 +39,11 @@ pub async fn run(
         tracing::info!(device = %config.device, "the fast kernels are CPU-only: running the generic ones");
     }
     let describe = weights.describe(&checkpoint, &config.device);
+    let limits = ServerLimits::expert(
+        config.max_rows,
+        describe.hidden_size as usize,
+        config.max_concurrent_streams,
+    );
     drop(checkpoint);
     let (draining, drain_signal) = transport::drain_switch();
     let metrics = Arc::new(ExpertMetrics::new(meter, config.expert));
@@ -49,10 +54,10 @@ pub async fn run(
         device,
         drain_signal,
     );
-    let (health, server) = transport::server_with_health_and_reflection();
+    let (health, server) = transport::server_for::<ExpertServer<ExpertService>>(&limits);
     transport::set_serving::<ExpertServer<ExpertService>>(&health, true).await;
     tracing::info!(addr = %listener.local_addr()?, %kernels, %dtype, "expert ready");
-    let server = server.add_service(transport::expert_server(service));
+    let server = server.add_service(transport::expert_server(service, &limits));
     Ok(transport::serve_then_drain::<ExpertServer<ExpertService>>(
         server,
         listener,

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::Device;
 use futures::{FutureExt, Stream};
-use moe_proto::tensor_codec;
 use moe_proto::v1::expert_result::Result as Outcome;
 use moe_proto::v1::{DescribeRequest, DescribeResponse, ExpertBatch, ExpertResult, expert_server};
+use moe_proto::{client_fault, tensor_codec};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,6 +16,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::ExpertMetrics;
 use crate::{ExpertError, ForwardQueue};
+
+/// What limits an expert's messages, for refusals to name.
+const MAX_ROWS_LIMIT: &str = "--max-rows rows of the model's width";
 
 /// Results that may wait for a slow reader before the stream stops reading.
 const OUTBOUND_CAPACITY: usize = 256;
@@ -73,6 +76,9 @@ impl ExpertService {
         let _open = OpenStream::new(&self.open_streams);
         let mut draining = self.draining.clone();
         let mut ended = false;
+        // A message the caller sent that could not be decoded: the stream's
+        // final status, once what was read before it is answered.
+        let mut refused = None;
         while !ended {
             // Draining first: once it starts, no new message is read, even
             // one that is already waiting.
@@ -86,7 +92,13 @@ impl ExpertService {
                 match message {
                     Some(Ok(batch)) => self.enqueue(batch, &outbound),
                     Some(Err(status)) => {
-                        tracing::debug!(%status, "forward stream ended by the caller");
+                        refused = client_fault::blame_client(&status, MAX_ROWS_LIMIT);
+                        match &refused {
+                            Some(refusal) => {
+                                tracing::warn!(%refusal, "refused an undecodable forward message")
+                            }
+                            None => tracing::debug!(%status, "forward stream ended by the caller"),
+                        }
                         ended = true;
                         break;
                     }
@@ -103,6 +115,9 @@ impl ExpertService {
                 tokio::task::yield_now().await;
             }
             self.queue.run_queued();
+        }
+        if let Some(refusal) = refused {
+            let _ = outbound.send(Err(refusal)).await;
         }
     }
 

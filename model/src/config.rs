@@ -71,6 +71,10 @@ enum OneOrMany {
     Many(Vec<u32>),
 }
 
+/// Elements (times 64 bytes of headroom) one product of a config's sizes
+/// may reach.
+const MAX_ELEMENTS: usize = 1 << 46;
+
 /// Mixtral's default when config.json names no theta at all.
 const DEFAULT_ROPE_THETA: f64 = 1e6;
 
@@ -174,6 +178,44 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return fail(format!("rope_theta ({}) must be positive", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return fail(format!(
+                "rms_norm_eps ({}) must be zero or positive",
+                self.rms_norm_eps
+            ));
+        }
+        // Every size a process multiplies (weights' element counts, the KV
+        // cache per position, the experts' rows) must fit: an absurd config
+        // is refused here, not by an overflow later.
+        let elements = [
+            [self.vocab_size, self.hidden_size, 1],
+            [self.num_attention_heads, self.head_dim, self.hidden_size],
+            [
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_local_experts,
+            ],
+            [
+                self.num_hidden_layers,
+                self.num_key_value_heads,
+                self.head_dim,
+            ],
+            [self.max_position_embeddings, self.hidden_size, 1],
+        ];
+        if elements.iter().any(|sizes| {
+            sizes
+                .iter()
+                .try_fold(64usize, |product, &size| product.checked_mul(size))
+                .is_none_or(|product| product > MAX_ELEMENTS)
+        }) {
+            return fail(
+                "the sizes are too large: a product of them overflows (sizes up to 2^40 elements are taken)"
+                    .into(),
+            );
+        }
         if self.num_experts_per_tok > self.num_local_experts {
             return fail(format!(
                 "num_experts_per_tok ({}) exceeds num_local_experts ({})",
@@ -223,6 +265,9 @@ impl ModelConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

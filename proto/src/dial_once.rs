@@ -17,11 +17,59 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tonic::transport::{Channel, Uri};
 
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use crate::tls::{self, ClientTls};
 use crate::transport::endpoint;
 
-/// Connects to `uri` (`http://HOST:PORT` or `unix:PATH`) with
-/// [`endpoint`]'s settings, on a channel that never reconnects.
-pub async fn connect_once(uri: &str) -> Result<Channel, tonic::transport::Error> {
+/// TLS for one dial: the client's config, and the name the server's
+/// certificate must carry.
+pub struct DialTls {
+    pub config: Arc<ClientTls>,
+    pub name: ServerName<'static>,
+}
+
+impl DialTls {
+    /// TLS to `uri` with the certificate name `name`, or else the
+    /// endpoint's host (`localhost` for a Unix socket).
+    pub fn new(config: Arc<ClientTls>, uri: &str, name: Option<&str>) -> Result<Self, String> {
+        let host = match name {
+            Some(name) => name,
+            None => host_of(uri),
+        };
+        let name = tls::server_name(host)
+            .map_err(|_| format!("{host:?} cannot be checked against a TLS certificate"))?;
+        Ok(Self { config, name })
+    }
+}
+
+/// The host of `http(s)://HOST:PORT` or `HOST:PORT`; `localhost` for
+/// `unix:PATH`.
+pub fn host_of(uri: &str) -> &str {
+    if uri.starts_with("unix:") {
+        return "localhost";
+    }
+    let authority = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+    let authority = authority.split('/').next().unwrap_or_default();
+    match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    }
+}
+
+/// Connects to `uri` (`http://HOST:PORT`, `https://HOST:PORT` or
+/// `unix:PATH`) with [`endpoint`]'s settings, on a channel that never
+/// reconnects; over TLS when `tls` is given (whatever the scheme).
+pub async fn connect_once(
+    uri: &str,
+    tls: Option<DialTls>,
+) -> Result<Channel, tonic::transport::Error> {
+    // TLS runs in the connector; tonic must not add its own for https.
+    let uri = match uri.strip_prefix("https://") {
+        Some(rest) => format!("http://{rest}"),
+        None => uri.to_owned(),
+    };
+    let uri = uri.as_str();
     let target = match uri.strip_prefix("unix:") {
         Some(path) => Target::Unix(path.trim_start_matches("//").to_owned()),
         None => Target::Tcp(
@@ -33,6 +81,7 @@ pub async fn connect_once(uri: &str) -> Result<Channel, tonic::transport::Error>
     };
     let connector = DialOnce {
         target: Arc::new(target),
+        tls: tls.map(Arc::new),
         dialed: Arc::default(),
     };
     endpoint(uri)?.connect_with_connector(connector).await
@@ -47,6 +96,7 @@ enum Target {
 #[derive(Clone)]
 struct DialOnce {
     target: Arc<Target>,
+    tls: Option<Arc<DialTls>>,
     dialed: Arc<AtomicBool>,
 }
 
@@ -62,6 +112,7 @@ impl tower::Service<Uri> for DialOnce {
     fn call(&mut self, _: Uri) -> Self::Future {
         let first = !self.dialed.swap(true, Ordering::AcqRel);
         let target = self.target.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             if !first {
                 return Err(io::Error::new(
@@ -77,15 +128,22 @@ impl tower::Service<Uri> for DialOnce {
                 }
                 Target::Unix(path) => Connection::Unix(UnixStream::connect(path).await?),
             };
+            let connection = match tls.as_deref() {
+                Some(DialTls { config, name }) => Connection::Tls(Box::new(
+                    tls::connect(config, name.clone(), connection).await?,
+                )),
+                None => connection,
+            };
             Ok(TokioIo::new(connection))
         })
     }
 }
 
-/// A TCP or Unix stream.
+/// A TCP or Unix stream, or TLS over one.
 pub enum Connection {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<tokio_rustls::client::TlsStream<Connection>>),
 }
 
 impl AsyncRead for Connection {
@@ -97,6 +155,7 @@ impl AsyncRead for Connection {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
             Self::Unix(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
         }
     }
 }
@@ -110,6 +169,7 @@ impl AsyncWrite for Connection {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_write(cx, buf),
             Self::Unix(stream) => Pin::new(stream).poll_write(cx, buf),
+            Self::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
         }
     }
 
@@ -117,6 +177,7 @@ impl AsyncWrite for Connection {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_flush(cx),
             Self::Unix(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Tls(stream) => Pin::new(stream).poll_flush(cx),
         }
     }
 
@@ -124,6 +185,7 @@ impl AsyncWrite for Connection {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
             Self::Unix(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
         }
     }
 }
@@ -168,13 +230,17 @@ mod tests {
             probe.local_addr().unwrap()
         };
         let first = serve(address);
-        let channel = connect_once(&format!("http://{address}")).await.unwrap();
+        let channel = connect_once(&format!("http://{address}"), None)
+            .await
+            .unwrap();
         check(&channel).await.expect("the first server answers");
 
         first.shutdown_background();
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let second = serve(address);
-        let fresh = connect_once(&format!("http://{address}")).await.unwrap();
+        let fresh = connect_once(&format!("http://{address}"), None)
+            .await
+            .unwrap();
         check(&fresh)
             .await
             .expect("a new channel reaches the second server");

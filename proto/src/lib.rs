@@ -7,10 +7,14 @@
 #[cfg(not(target_endian = "little"))]
 compile_error!("the tensor codec sends host memory as little-endian bytes");
 
+pub mod client_fault;
 pub mod dial_once;
 pub mod expert_mode;
+pub mod limits;
 pub mod listen;
+pub mod reload;
 pub mod tensor_codec;
+pub mod tls;
 pub mod transport;
 
 /// Generated code of the `moe.v1` package.
@@ -29,5 +33,6 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 pub use expert_mode::ExpertMode;
+pub use limits::ServerLimits;
 pub use listen::{ListenAddr, Listener};
 pub use tensor_codec::{CodecError, WireDType};

@@ -11,11 +11,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::Router;
 
+use crate::tls::{self, ServerTls};
 use crate::transport;
 
 /// A `--listen` value: `HOST:PORT`, or `unix:PATH`.
@@ -64,10 +66,13 @@ impl fmt::Display for ListenAddr {
     }
 }
 
-/// A bound listener of either kind.
+/// A bound listener of either kind, and optionally TLS on top.
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, SocketFile),
+    /// A TCP or Unix listener whose connections are served after a TLS
+    /// handshake ([`tls::accept`]).
+    Tls(Box<Listener>, Arc<ServerTls>),
 }
 
 impl Listener {
@@ -89,6 +94,16 @@ impl Listener {
         match self {
             Self::Tcp(listener) => listener.local_addr().map(ListenAddr::Tcp),
             Self::Unix(_, file) => Ok(ListenAddr::Unix(file.0.clone())),
+            Self::Tls(inner, _) => inner.local_addr(),
+        }
+    }
+
+    /// This listener, serving TLS with `tls` when given.
+    pub fn with_tls(self, tls: Option<Arc<ServerTls>>) -> Self {
+        match (self, tls) {
+            (Self::Tls(inner, _), Some(tls)) => Self::Tls(inner, tls),
+            (plain, Some(tls)) => Self::Tls(Box::new(plain), tls),
+            (listener, None) => listener,
         }
     }
 
@@ -111,6 +126,17 @@ impl Listener {
                     .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
                     .await
             }
+            Self::Tls(inner, config) => match *inner {
+                Self::Tcp(listener) => {
+                    let accepted = tls::accept(transport::incoming(listener), config);
+                    router.serve_with_incoming_shutdown(accepted, stop).await
+                }
+                Self::Unix(listener, _file) => {
+                    let accepted = tls::accept(UnixListenerStream::new(listener), config);
+                    router.serve_with_incoming_shutdown(accepted, stop).await
+                }
+                Self::Tls(..) => unreachable!("with_tls never nests TLS"),
+            },
         }
     }
 }

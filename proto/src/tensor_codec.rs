@@ -232,6 +232,9 @@ fn check_rows(
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -9,29 +9,48 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::Layer;
 
+use crate::client_fault::{ClientFault, ClientFaultLayer};
+use crate::limits::ServerLimits;
 use crate::v1::expert_client::ExpertClient;
 use crate::v1::expert_server::{Expert, ExpertServer};
 use crate::v1::inference_client::InferenceClient;
 use crate::v1::inference_server::{Inference, InferenceServer};
 use crate::{Listener, MAX_MESSAGE_BYTES};
 
-/// The public API's server, with [`MAX_MESSAGE_BYTES`] both ways.
-pub fn inference_server<T: Inference>(service: T) -> InferenceServer<T> {
-    InferenceServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+/// The public API's server: it decodes requests of `limits`' size at most
+/// (`--max-request-bytes`), answers undecodable ones as the client's fault,
+/// and sends up to [`MAX_MESSAGE_BYTES`].
+pub fn inference_server<T: Inference>(
+    service: T,
+    limits: &ServerLimits,
+) -> ClientFault<InferenceServer<T>> {
+    let server = InferenceServer::new(service)
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    ClientFaultLayer {
+        limit: "--max-request-bytes",
+    }
+    .layer(server)
 }
 
-/// An expert's server, with [`MAX_MESSAGE_BYTES`] both ways.
-pub fn expert_server<T: Expert>(service: T) -> ExpertServer<T> {
-    ExpertServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+/// An expert's server: it decodes messages of `limits`' size at most
+/// (`--max-rows` rows of the model's width), and sends as large.
+pub fn expert_server<T: Expert>(service: T, limits: &ServerLimits) -> ClientFault<ExpertServer<T>> {
+    let server = ExpertServer::new(service)
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+    ClientFaultLayer {
+        limit: "--max-rows rows of the model's width",
+    }
+    .layer(server)
 }
 
 /// A client of the public API, with [`MAX_MESSAGE_BYTES`] both ways.
@@ -64,8 +83,13 @@ pub fn server_builder() -> Server {
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .tcp_nodelay(true)
 }
+
+/// Request headers (gRPC metadata) a server takes: a trace parent and a
+/// bearer token need a few hundred bytes.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Accepted connections from an already-bound listener, without Nagle's
 /// delay (a decode step is many small messages).
@@ -91,9 +115,12 @@ pub async fn connect(uri: &str) -> Result<Channel, tonic::transport::Error> {
     endpoint(uri)?.connect().await
 }
 
-/// gRPC server reflection for the moe.v1 services, in both protocol
-/// versions: grpcurl and Python's grpcio still speak only v1alpha.
-fn reflection() -> (
+/// gRPC server reflection listing `services` (the process's own API, health
+/// and reflection: only what it serves), in both protocol versions: grpcurl
+/// and Python's grpcio still speak only v1alpha.
+fn reflection(
+    services: &[&str],
+) -> (
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
@@ -102,9 +129,17 @@ fn reflection() -> (
     >,
 ) {
     let builder = || {
-        tonic_reflection::server::Builder::configure()
+        let builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            );
+        REFLECTED_ALWAYS
+            .iter()
+            .chain(services)
+            .fold(builder, |builder, name| builder.with_service_name(*name))
     };
     (
         builder()
@@ -116,15 +151,54 @@ fn reflection() -> (
     )
 }
 
+/// What every process serves besides its own API, as reflection names it.
+const REFLECTED_ALWAYS: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 /// A server carrying what every moe-serve service serves besides its own
 /// API: gRPC health (returned, for the caller to flip) and reflection.
+/// Reflection lists no moe.v1 service: [`server_for`] is what a process
+/// that serves one uses.
 pub fn server_with_health_and_reflection() -> (HealthReporter, Router) {
+    server_with(&[], &ServerLimits::default(), open)
+}
+
+/// A server for the service `S` (added by the caller) within `limits`,
+/// with health and with reflection that lists `S` and no other moe.v1
+/// service.
+pub fn server_for<S: NamedService>(limits: &ServerLimits) -> (HealthReporter, Router) {
+    server_with(&[S::NAME], limits, open)
+}
+
+/// [`server_for`], with `guard` checking every health and reflection call
+/// (the router's `--auth-health`).
+pub fn server_for_guarded<S: NamedService>(
+    limits: &ServerLimits,
+    guard: impl Interceptor + Clone + Send + Sync + 'static,
+) -> (HealthReporter, Router) {
+    server_with(&[S::NAME], limits, guard)
+}
+
+/// Lets every call through.
+fn open(request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    Ok(request)
+}
+
+fn server_with(
+    services: &[&str],
+    limits: &ServerLimits,
+    guard: impl Interceptor + Clone + Send + Sync + 'static,
+) -> (HealthReporter, Router) {
     let (health, health_service) = tonic_health::server::health_reporter();
-    let (reflection_v1, reflection_v1alpha) = reflection();
+    let (reflection_v1, reflection_v1alpha) = reflection(services);
     let router = server_builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .add_service(InterceptedService::new(health_service, guard.clone()))
+        .add_service(InterceptedService::new(reflection_v1, guard.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, guard));
     (health, router)
 }
 

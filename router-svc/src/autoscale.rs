@@ -6,11 +6,15 @@
 //! ```text
 //! demand    = rows routed to the expert per second, smoothed (EWMA, --autoscale-smoothing)
 //! capacity  = rows one replica computes per second of busy time (Δ rows served / Δ busy seconds, its replicas together)
-//! desired   = clamp(ceil(demand / (capacity × target utilisation)), min, max)
+//! desired   = clamp(ceil(demand / (capacity × target utilisation × shards)), min, max)
 //! ```
 //!
-//! Until a replica has been busy long enough to measure, capacity is
-//! unknown and the expert keeps the replicas it has (at least `min`).
+//! `shards` is how many layer ranges the expert is cut into (1 unless it is
+//! sharded by layers): demand counts an expert's rows at every layer, a
+//! shard's replica computes only its layers' rows, so each shard needs its
+//! share (shards assumed even). Until a replica has been busy long enough
+//! to measure, capacity is unknown and so is the signal (`None`): an
+//! autoscaler keeps what it has, as an HPA does without its metric.
 //! Capacity measured at light load is an underestimate (a larger product
 //! costs less per row), so the signal errs towards more replicas.
 //! Stabilisation (how fast to follow the signal) is the autoscaler's
@@ -42,7 +46,7 @@ impl Default for AutoscalePolicy {
 
 /// Busy time a capacity measurement spans at least: less is noise. A
 /// lightly loaded expert gathers it over several intervals.
-const MIN_BUSY_SECONDS: f64 = 0.05;
+const MIN_BUSY_SECONDS: f64 = 0.01;
 
 /// One expert's smoothed demand and learned capacity.
 #[derive(Debug, Clone, Default)]
@@ -104,17 +108,16 @@ impl ExpertDemand {
         self.capacity
     }
 
-    /// The replicas the expert should have; `current` when capacity is not
-    /// known yet.
-    pub fn desired(&self, current: u32, policy: &AutoscalePolicy) -> u32 {
-        let bounded = |replicas: u32| replicas.clamp(policy.min_replicas, policy.max_replicas);
-        match (self.demand, self.capacity) {
-            (Some(demand), Some(capacity)) if capacity > 0.0 => {
-                let per_replica = capacity * policy.target_utilisation;
-                bounded((demand / per_replica).ceil() as u32)
-            }
-            _ => bounded(current),
+    /// The replicas each of the expert's `shards` should have; `None`
+    /// while capacity is not known.
+    pub fn desired(&self, shards: u32, policy: &AutoscalePolicy) -> Option<u32> {
+        let (demand, capacity) = (self.demand?, self.capacity?);
+        if capacity <= 0.0 {
+            return None;
         }
+        let per_replica = capacity * policy.target_utilisation * f64::from(shards.max(1));
+        let replicas = (demand / per_replica).ceil() as u32;
+        Some(replicas.clamp(policy.min_replicas, policy.max_replicas))
     }
 }
 
@@ -146,7 +149,7 @@ mod tests {
             .iter()
             .map(|seen| {
                 expert.observe(*seen, &POLICY);
-                expert.desired(1, &POLICY)
+                expert.desired(1, &POLICY).unwrap_or(1)
             })
             .collect()
     }
@@ -201,17 +204,27 @@ mod tests {
     #[test]
     fn a_lightly_loaded_expert_measures_its_capacity_over_several_intervals() {
         let mut expert = ExpertDemand::default();
-        // 10 rows/s at 1000 rows per busy second: 0.01 busy seconds a
-        // second, a measurement every 5 s.
-        run(&mut expert, &[second(10.0, 1000.0); 4]);
+        // 1 row/s at 1000 rows per busy second: 0.001 busy seconds a
+        // second, a measurement every 10 s.
+        run(&mut expert, &[second(1.0, 1000.0); 5]);
         assert_eq!(expert.capacity(), None);
-        run(&mut expert, &[second(10.0, 1000.0)]);
+        run(&mut expert, &[second(1.0, 1000.0); 6]);
         let capacity = expert.capacity().unwrap();
         assert!((capacity - 1000.0).abs() < 1e-6, "{capacity}");
     }
 
     #[test]
-    fn unknown_capacity_keeps_what_there_is_and_bounds_hold() {
+    fn each_layer_shard_gets_its_share() {
+        let mut expert = ExpertDemand::default();
+        // 4000 rows/s over all layers at 1000 rows per busy second: 8
+        // replicas' worth at 50%, so 2 for each of 4 shards.
+        run(&mut expert, &[second(4000.0, 1000.0); 40]);
+        assert_eq!(expert.desired(1, &POLICY), Some(8));
+        assert_eq!(expert.desired(4, &POLICY), Some(2));
+    }
+
+    #[test]
+    fn unknown_capacity_gives_no_signal_and_bounds_hold() {
         let mut expert = ExpertDemand::default();
         // Routed rows but nothing served yet: no capacity to divide by.
         expert.observe(
@@ -222,8 +235,11 @@ mod tests {
             },
             &POLICY,
         );
-        assert_eq!(expert.desired(3, &POLICY), 3);
-        assert_eq!(expert.desired(0, &POLICY), 1, "at least min");
+        assert_eq!(
+            expert.desired(1, &POLICY),
+            None,
+            "no signal without capacity"
+        );
         let huge = run(&mut expert, &[second(1e7, 1000.0); 30]);
         assert_eq!(*huge.last().unwrap(), 10, "at most max");
     }

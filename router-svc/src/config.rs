@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Parser;
 use clap::builder::BoolishValueParser;
 use moe_model::{Kernels, WeightDType};
-use moe_proto::{ExpertMode, ListenAddr, WireDType};
+use moe_proto::tls::{ClientTlsFiles, Identity, ServerTlsFiles};
+use moe_proto::{ExpertMode, ListenAddr, ServerLimits, WireDType};
 use moe_telemetry::LogFormat;
 
 use crate::RouterError;
@@ -103,6 +104,20 @@ pub struct Args {
     /// the queue. Unset: --max-running is the only bound.
     #[arg(long, env = "MOE_KV_CACHE_BYTES")]
     pub kv_cache_bytes: Option<u64>,
+    /// The largest request the public API decodes, in bytes; a larger one
+    /// is refused (RESOURCE_EXHAUSTED) from its length before it is read.
+    /// The default holds a prompt of 4 MiB of text or ~800k token ids;
+    /// prompts are bounded by the context as well (docs/tuning.md).
+    #[arg(long, env = "MOE_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
+    pub max_request_bytes: usize,
+    /// HTTP/2 streams (requests) one client connection may have open at
+    /// once; more wait in the client.
+    #[arg(long, env = "MOE_MAX_CONCURRENT_STREAMS", default_value_t = moe_proto::limits::DEFAULT_MAX_CONCURRENT_STREAMS)]
+    pub max_concurrent_streams: u32,
+    /// A running request whose client has taken none of its output for this
+    /// long is cancelled, freeing its running slot, e.g. 30s.
+    #[arg(long, env = "MOE_STALLED_CLIENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stalled_client_timeout: Duration,
     /// Seconds an expert may take to return one message's result.
     #[arg(long, env = "MOE_EXPERT_TIMEOUT_SECS", default_value_t = 30)]
     pub expert_timeout_secs: u64,
@@ -137,6 +152,73 @@ pub struct Args {
     /// wake-ups do not preempt expert processes on the same cores.
     #[arg(long, env = "MOE_SCHED_BATCH", value_parser = BoolishValueParser::new())]
     pub sched_batch: bool,
+    /// Serve the public API over TLS with this certificate chain (PEM;
+    /// re-read when it changes). Needs --tls-key.
+    #[arg(long, env = "MOE_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "MOE_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Dial every expert over TLS and trust only certificates this CA
+    /// (PEM) signed, named for the endpoint's host (a dns: endpoint's
+    /// NAME); `https://` endpoints need it.
+    #[arg(long, env = "MOE_EXPERT_TLS_CA", value_name = "FILE")]
+    pub expert_tls_ca: Option<PathBuf>,
+    /// The client certificate (PEM) presented to experts (mutual TLS).
+    /// Needs --expert-tls-key and --expert-tls-ca.
+    #[arg(long, env = "MOE_EXPERT_TLS_CERT", value_name = "FILE", requires_all = ["expert_tls_key", "expert_tls_ca"])]
+    pub expert_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --expert-tls-cert.
+    #[arg(
+        long,
+        env = "MOE_EXPERT_TLS_KEY",
+        value_name = "FILE",
+        requires = "expert_tls_cert"
+    )]
+    pub expert_tls_key: Option<PathBuf>,
+    /// Require `authorization: Bearer KEY` on the public API, KEY one of
+    /// this file's lines (blank lines and # comments ignored; re-read when
+    /// it changes); others get UNAUTHENTICATED.
+    #[arg(long, env = "MOE_API_KEYS_FILE", value_name = "FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Require the API key for gRPC health and reflection too (otherwise
+    /// open, for probes that cannot send one).
+    #[arg(long, env = "MOE_AUTH_HEALTH", value_parser = BoolishValueParser::new(), requires = "api_keys_file")]
+    pub auth_health: bool,
+}
+
+/// TLS and authentication: the public API's certificate, the experts' CA
+/// and the router's client certificate, the API keys.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    pub tls: Option<ServerTlsFiles>,
+    pub expert_tls: Option<ClientTlsFiles>,
+    pub api_keys: Option<PathBuf>,
+    /// Health and reflection need the key too.
+    pub auth_health: bool,
+}
+
+impl Security {
+    fn from_args(args: &Args) -> Self {
+        let identity = |cert: &Option<PathBuf>, key: &Option<PathBuf>| {
+            Some(Identity {
+                cert: cert.clone()?,
+                key: key.clone()?,
+            })
+        };
+        Self {
+            tls: identity(&args.tls_cert, &args.tls_key).map(|identity| ServerTlsFiles {
+                identity,
+                client_ca: None,
+            }),
+            expert_tls: args.expert_tls_ca.clone().map(|ca| ClientTlsFiles {
+                ca,
+                identity: identity(&args.expert_tls_cert, &args.expert_tls_key),
+            }),
+            api_keys: args.api_keys_file.clone(),
+            auth_health: args.auth_health,
+        }
+    }
 }
 
 /// What happens to rows whose expert has no ready replica: `Fail`, the
@@ -184,6 +266,11 @@ pub struct Config {
     pub wire_dtype: WireDType,
     pub shutdown_grace: Duration,
     pub autoscale: AutoscalePolicy,
+    /// The public API's bounds on a client.
+    pub limits: ServerLimits,
+    /// How long a client may leave its output untaken.
+    pub stalled_client_timeout: Duration,
+    pub security: Security,
 }
 
 impl TryFrom<Args> for Config {
@@ -216,6 +303,11 @@ impl TryFrom<Args> for Config {
             ("--max-batch-tokens", args.max_batch_tokens),
             ("--max-running", args.max_running),
             ("--queue-capacity", args.queue_capacity),
+            ("--max-request-bytes", args.max_request_bytes),
+            (
+                "--max-concurrent-streams",
+                args.max_concurrent_streams as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(RouterError::invalid(format!("{name} must be positive")));
@@ -240,6 +332,7 @@ impl TryFrom<Args> for Config {
             )));
         }
         Ok(Self {
+            security: Security::from_args(&args),
             autoscale,
             model: args.model,
             listen: args.listen,
@@ -262,6 +355,11 @@ impl TryFrom<Args> for Config {
             on_expert_down: args.on_expert_down,
             wire_dtype: args.wire_dtype,
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+            limits: ServerLimits {
+                max_message_bytes: args.max_request_bytes,
+                max_concurrent_streams: args.max_concurrent_streams,
+            },
+            stalled_client_timeout: args.stalled_client_timeout,
         })
     }
 }

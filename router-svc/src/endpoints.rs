@@ -125,6 +125,9 @@ pub fn layout(
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

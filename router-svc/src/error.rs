@@ -27,6 +27,11 @@ pub enum RouterError {
     /// The client's own deadline (`grpc-timeout`) passed.
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// The client took none of its responses for `--stalled-client-timeout`.
+    #[error(
+        "cancelled: the client took none of its output for {0:?} (the router's --stalled-client-timeout)"
+    )]
+    ClientStalled(std::time::Duration),
     #[error("internal error: {0}")]
     Internal(String),
     #[error(transparent)]
@@ -68,6 +73,7 @@ impl RouterError {
             | Self::NoReplica { .. } => Code::Unavailable,
             Self::Overloaded(_) => Code::ResourceExhausted,
             Self::ExpertTimeout(_) | Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::ClientStalled(_) => Code::Cancelled,
             Self::Internal(_)
             | Self::Model(_)
             | Self::Attention(_)
@@ -122,6 +128,7 @@ impl RouterError {
             },
             Self::ExpertTimeout(m) => Self::ExpertTimeout(m.clone()),
             Self::DeadlineExceeded(m) => Self::DeadlineExceeded(m.clone()),
+            Self::ClientStalled(after) => Self::ClientStalled(*after),
             other => Self::Internal(other.to_string()),
         }
     }

@@ -5,6 +5,7 @@
 //! through the attention-svc crate. For every layer of every step it sends
 //! each expert one message with all of the rows routed to it.
 
+pub mod auth;
 pub mod autoscale;
 mod config;
 pub mod cpu_policy;
@@ -21,11 +22,12 @@ pub mod replicas;
 mod request;
 pub mod sampling;
 pub mod scheduler;
+mod security;
 mod server;
 mod service;
 pub mod stats;
 
-pub use config::{Args, Config, ExpertPlacement, OnExpertDown};
+pub use config::{Args, Config, ExpertPlacement, OnExpertDown, Security};
 pub use error::RouterError;
 pub use moe_proto::transport::shutdown_signal;
 pub use server::{Observability, run};

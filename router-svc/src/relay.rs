@@ -5,6 +5,7 @@
 //! cache.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use moe_proto::v1::{Degraded, FinishReason, GenerateResponse, Usage};
 use tokenizers::Tokenizer;
@@ -20,15 +21,18 @@ use crate::service::ServedModel;
 use crate::stats::RouterStats;
 
 /// Relays `events` to `responses` until the sequence ends, fails, the
-/// client goes away, or the client's `deadline` passes.
+/// client goes away, the client's `deadline` passes, or the client takes
+/// none of its responses for `stalled_after` (a client that stops reading
+/// must not hold a running slot for long: its sequence is cancelled).
 pub async fn relay(
     request: ValidRequest,
     mut events: mpsc::Receiver<SequenceEvent>,
     responses: mpsc::Sender<Result<GenerateResponse, Status>>,
     model: Arc<ServedModel>,
-    deadline: Option<Instant>,
+    (deadline, stalled_after): (Option<Instant>, Duration),
     mut clock: RequestClock,
 ) {
+    let respond = |response| deliver(&responses, response, stalled_after);
     let mut builder = ResponseBuilder::new(&request, model.tokenizer.as_ref());
     let deadline_passes = async {
         match deadline {
@@ -63,15 +67,16 @@ pub async fn relay(
                 builder.finished(finish)
             }
             Some(SequenceEvent::Failed(err)) => {
+                clock.end("error", err.code(), None);
                 // The sequence is over: cancel it before waiting for the
                 // client to take the error.
                 drop(events);
-                let _ = responses.send(Err(err.into())).await;
+                let _ = respond(Err(err.into())).await;
                 return;
             }
             None => {
                 clock.end("error", RouterError::ShuttingDown.code(), None);
-                let _ = responses.send(Err(RouterError::ShuttingDown.into())).await;
+                let _ = respond(Err(RouterError::ShuttingDown.into())).await;
                 return;
             }
         };
@@ -86,9 +91,43 @@ pub async fn relay(
                 usage,
             );
         }
-        if responses.send(Ok(response)).await.is_err() || last {
-            return;
+        match respond(Ok(response)).await {
+            Delivery::Sent if !last => {}
+            Delivery::Sent | Delivery::Gone => return,
+            Delivery::Stalled => {
+                // Cancel the sequence now, then tell the client why, should
+                // it read again soon.
+                drop(events);
+                let stalled = RouterError::ClientStalled(stalled_after);
+                tracing::info!(%stalled, "cancelled a request whose client stopped reading");
+                clock.end("cancelled", stalled.code(), None);
+                let _ = respond(Err(stalled.into())).await;
+                return;
+            }
         }
+    }
+}
+
+/// What became of a response.
+enum Delivery {
+    Sent,
+    /// The client went away.
+    Gone,
+    /// The client took nothing for the stall timeout.
+    Stalled,
+}
+
+/// Queues `response` for the client, waiting `stalled_after` at most for
+/// it to take earlier ones.
+async fn deliver(
+    responses: &mpsc::Sender<Result<GenerateResponse, Status>>,
+    response: Result<GenerateResponse, Status>,
+    stalled_after: Duration,
+) -> Delivery {
+    match tokio::time::timeout(stalled_after, responses.send(response)).await {
+        Ok(Ok(())) => Delivery::Sent,
+        Ok(Err(_)) => Delivery::Gone,
+        Err(_) => Delivery::Stalled,
     }
 }
 

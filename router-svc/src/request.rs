@@ -12,6 +12,12 @@ use crate::sampling::SamplingParams;
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 /// At most this many stop strings per request.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Bytes of one stop string at most.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Bytes of prompt text per token of the context at most: a text longer
+/// than the context times this cannot fit (tokenizers average about 4
+/// bytes a token), and is refused before it is tokenised.
+pub const MAX_PROMPT_BYTES_PER_TOKEN: usize = 16;
 
 /// A request that passed every check.
 #[derive(Debug, Clone)]
@@ -37,11 +43,7 @@ pub fn validate(
         request.top_k,
         request.seed,
     )?;
-    if request.stop.len() > MAX_STOP_STRINGS || request.stop.iter().any(String::is_empty) {
-        return Err(RouterError::invalid(format!(
-            "stop must hold at most {MAX_STOP_STRINGS} non-empty strings"
-        )));
-    }
+    check_stop(&request.stop)?;
     Ok(ValidRequest {
         prompt,
         max_tokens,
@@ -50,6 +52,45 @@ pub fn validate(
         logprobs: request.logprobs,
         stop_at_eos: !request.ignore_eos,
     })
+}
+
+fn check_stop(stop: &[String]) -> Result<(), RouterError> {
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(RouterError::invalid(format!(
+            "stop holds {} strings; at most {MAX_STOP_STRINGS} are allowed",
+            stop.len()
+        )));
+    }
+    if let Some(index) = stop.iter().position(String::is_empty) {
+        return Err(RouterError::invalid(format!(
+            "stop[{index}] is empty; stop strings must not be empty"
+        )));
+    }
+    if let Some((index, long)) = stop
+        .iter()
+        .enumerate()
+        .find(|(_, stop)| stop.len() > MAX_STOP_BYTES)
+    {
+        return Err(RouterError::invalid(format!(
+            "stop[{index}] is {} bytes; a stop string holds at most {MAX_STOP_BYTES}",
+            long.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses prompt text too long to fit the context, before it is
+/// tokenised (which takes time and memory in proportion to it).
+pub fn check_text_len(text: &str, config: &ModelConfig) -> Result<(), RouterError> {
+    let context = config.max_position_embeddings;
+    let limit = context.saturating_mul(MAX_PROMPT_BYTES_PER_TOKEN);
+    if text.len() > limit {
+        return Err(RouterError::invalid(format!(
+            "prompt text is {} bytes; at most {limit} are taken ({MAX_PROMPT_BYTES_PER_TOKEN} bytes per token of the {context}-token context)",
+            text.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The prompt's token ids: given, or from the text through the tokenizer.
@@ -65,6 +106,7 @@ fn prompt_tokens(
                     "prompt is empty: text must hold at least one character",
                 ));
             }
+            check_text_len(&text, config)?;
             let tokenizer = tokenizer.ok_or_else(|| {
                 RouterError::FailedPrecondition(
                     "this checkpoint has no tokenizer.json: send token_ids instead of text".into(),
@@ -84,6 +126,13 @@ fn prompt_tokens(
     };
     if tokens.is_empty() {
         return Err(RouterError::invalid("prompt is empty: it holds no tokens"));
+    }
+    let context = config.max_position_embeddings;
+    if tokens.len() >= context {
+        return Err(RouterError::invalid(format!(
+            "prompt is {} tokens; the context length is {context}, which must leave room for at least one generated token",
+            tokens.len()
+        )));
     }
     if let Some((index, id)) = tokens
         .iter()
@@ -108,9 +157,17 @@ fn max_tokens(
     let max_tokens = match asked {
         Some(0) => return Err(RouterError::invalid("max_tokens must be at least 1")),
         Some(n) => n as usize,
-        None => DEFAULT_MAX_TOKENS.min(context.saturating_sub(prompt_tokens)),
+        None => {
+            let room = context.saturating_sub(prompt_tokens);
+            if room == 0 {
+                return Err(RouterError::invalid(format!(
+                    "prompt ({prompt_tokens} tokens) fills the context length ({context}): no room for a generated token (max_tokens is unset; it defaults to {DEFAULT_MAX_TOKENS} or what the context leaves, if less)"
+                )));
+            }
+            DEFAULT_MAX_TOKENS.min(room)
+        }
     };
-    if max_tokens == 0 || prompt_tokens + max_tokens > context {
+    if prompt_tokens.saturating_add(max_tokens) > context {
         return Err(RouterError::invalid(format!(
             "prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context length ({context})"
         )));
@@ -149,6 +206,9 @@ fn sampling(
         seed: seed.unwrap_or_else(rand::random),
     })
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

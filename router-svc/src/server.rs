@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use attention_svc::Engine;
 use moe_model::{Checkpoint, WeightDType, parse_device};
+use moe_proto::tls::ClientTls;
 use moe_proto::v1::inference_server::InferenceServer;
 use moe_proto::{Listener, transport};
 use moe_telemetry::Telemetry;
 use tokenizers::Tokenizer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::config::{Config, ExpertPlacement};
 use crate::dispatch::{
@@ -23,6 +25,7 @@ use crate::replicas::discovery;
 use crate::replicas::set::ReplicaSets;
 use crate::replicas::supervisor::Expected;
 use crate::scheduler;
+use crate::security::Secured;
 use crate::service::{InferenceService, ServedModel};
 use crate::stats::RouterStats;
 use crate::{RouterError, endpoints};
@@ -43,6 +46,7 @@ pub async fn run(
     observability: Observability,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RouterError> {
+    let secured = Secured::load(&config.security)?;
     let device = parse_device(&config.device)?;
     let checkpoint = Checkpoint::open(&config.model)?;
     let dtype = WeightDType::resolve(config.dtype, &device, checkpoint.config(), config.kernels)?;
@@ -61,7 +65,10 @@ pub async fn run(
         tokenizer: load_tokenizer(&checkpoint)?,
         expert_mode: mode,
     });
-    let (health, server) = transport::server_with_health_and_reflection();
+    let (health, server) = transport::server_for_guarded::<InferenceServer<InferenceService>>(
+        &config.limits,
+        secured.health.clone(),
+    );
     transport::set_serving::<InferenceServer<InferenceService>>(&health, false).await;
 
     let wire_dtype = match config.experts {
@@ -79,7 +86,13 @@ pub async fn run(
         RouterMetrics::new(&meter, shape.0, shape.1),
     ));
     let (draining, drain_signal) = transport::drain_switch();
-    let (experts, replicas) = connect_experts(&config, &checkpoint, (&device, dtype), &stats)?;
+    let (experts, replicas) = connect_experts(
+        &config,
+        &checkpoint,
+        (&device, dtype),
+        &stats,
+        secured.expert_tls.clone(),
+    )?;
     let readiness = match &replicas {
         Some(sets) => {
             let (startup, readiness) = readiness::not_ready("no expert has answered yet");
@@ -122,9 +135,21 @@ pub async fn run(
         tokio::runtime::Handle::current(),
     )?;
     drop(checkpoint);
-    let service = InferenceService::new(model, scheduler, readiness, stats, replicas, drain_signal);
+    let service = InferenceService::new(
+        model,
+        scheduler,
+        readiness,
+        stats,
+        replicas,
+        drain_signal,
+        config.stalled_client_timeout,
+    );
     tracing::info!(addr = %listener.local_addr()?, %mode, %kernels, %dtype, "router serving");
-    let server = server.add_service(transport::inference_server(service));
+    let server = server.add_service(InterceptedService::new(
+        transport::inference_server(service, &config.limits),
+        secured.inference.clone(),
+    ));
+    let listener = listener.with_tls(secured.tls.clone());
     Ok(
         transport::serve_then_drain::<InferenceServer<InferenceService>>(
             server,
@@ -145,6 +170,7 @@ fn connect_experts(
     checkpoint: &Checkpoint,
     (device, dtype): (&candle_core::Device, WeightDType),
     stats: &Arc<RouterStats>,
+    tls: Option<Arc<ClientTls>>,
 ) -> Result<(Experts, Option<Arc<ReplicaSets>>), RouterError> {
     let model = checkpoint.config();
     let sources = match &config.experts {
@@ -165,6 +191,7 @@ fn connect_experts(
     let expected = Expected {
         config: model.clone(),
         fingerprint: checkpoint.fingerprint().to_owned(),
+        tls,
     };
     let sets = Arc::new(ReplicaSets::new(
         model.num_local_experts,

@@ -10,12 +10,13 @@ use tracing::Instrument;
 use futures::Stream;
 use moe_model::ModelConfig;
 use moe_proto::ExpertMode;
+use moe_proto::v1::generate_request::Prompt;
 use moe_proto::v1::{
     GenerateRequest, GenerateResponse, ModelInfoRequest, ModelInfoResponse, StatsRequest,
     StatsResponse, inference_server,
 };
 use tokenizers::Tokenizer;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
@@ -24,7 +25,7 @@ use crate::RouterError;
 use crate::readiness::Readiness;
 use crate::relay::{RequestClock, relay};
 use crate::replicas::set::ReplicaSets;
-use crate::request::{ValidRequest, validate};
+use crate::request::{ValidRequest, check_text_len, validate};
 use crate::sampling::Sampler;
 use crate::scheduler::{GenerationRequest, SchedulerHandle, SequenceEvent};
 use crate::stats::RouterStats;
@@ -51,6 +52,12 @@ pub struct InferenceService {
     /// The experts' replicas, in the distributed mode.
     replicas: Option<Arc<ReplicaSets>>,
     draining: watch::Receiver<bool>,
+    /// `--stalled-client-timeout`.
+    stalled_client_timeout: Duration,
+    /// Text prompts tokenised at once at most (each on the blocking pool):
+    /// tokenising takes CPU in proportion to the text, and must neither
+    /// hold a runtime worker nor take every core.
+    tokenisers: Arc<Semaphore>,
 }
 
 impl InferenceService {
@@ -61,7 +68,9 @@ impl InferenceService {
         stats: Arc<RouterStats>,
         replicas: Option<Arc<ReplicaSets>>,
         draining: watch::Receiver<bool>,
+        stalled_client_timeout: Duration,
     ) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
             model,
             scheduler,
@@ -69,10 +78,34 @@ impl InferenceService {
             stats,
             replicas,
             draining,
+            stalled_client_timeout,
+            tokenisers: Arc::new(Semaphore::new((cores / 2).max(1))),
         }
     }
 
-    fn admit(
+    /// Checks `request`; a text prompt is measured first, then tokenised
+    /// off the runtime's workers.
+    async fn validated(&self, request: GenerateRequest) -> Result<ValidRequest, RouterError> {
+        let Some(Prompt::Text(text)) = &request.prompt else {
+            return validate(request, &self.model.config, None);
+        };
+        check_text_len(text, &self.model.config)?;
+        let permit = self
+            .tokenisers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| RouterError::ShuttingDown)?;
+        let model = self.model.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            validate(request, &model.config, model.tokenizer.as_ref())
+        })
+        .await
+        .map_err(|err| RouterError::Internal(format!("tokenising the prompt failed: {err}")))?
+    }
+
+    async fn admit(
         &self,
         request: GenerateRequest,
         span: &tracing::Span,
@@ -83,7 +116,7 @@ impl InferenceService {
         if let Err(why) = &*self.readiness.borrow() {
             return Err(RouterError::NotReady(why.clone()));
         }
-        let valid = validate(request, &self.model.config, self.model.tokenizer.as_ref())?;
+        let valid = self.validated(request).await?;
         let (events, receiver) = mpsc::channel(EVENTS_CAPACITY);
         self.scheduler.submit(GenerationRequest {
             prompt: valid.prompt.clone(),
@@ -116,10 +149,13 @@ impl inference_server::Inference for InferenceService {
         {
             moe_telemetry::continue_remote(&span, traceparent);
         }
-        let admitted = client_deadline(request.metadata()).and_then(|deadline| {
-            self.admit(request.into_inner(), &span)
-                .map(|admitted| (deadline, admitted))
-        });
+        let admitted = match client_deadline(request.metadata()) {
+            Ok(deadline) => self
+                .admit(request.into_inner(), &span)
+                .await
+                .map(|admitted| (deadline, admitted)),
+            Err(err) => Err(err),
+        };
         let (deadline, (valid, events)) = admitted.inspect_err(|err| {
             let metrics = &self.stats.metrics;
             metrics.request_ended("error", err.code(), arrived.elapsed(), None);
@@ -131,7 +167,7 @@ impl inference_server::Inference for InferenceService {
                 events,
                 responses,
                 self.model.clone(),
-                deadline,
+                (deadline, self.stalled_client_timeout),
                 RequestClock::new(arrived, self.stats.clone()),
             )
             .instrument(span),

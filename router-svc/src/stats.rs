@@ -149,6 +149,8 @@ pub struct ReplicaReport {
     pub busy_fraction: Option<f64>,
     /// Its work since it started, as it last reported it.
     pub work: Option<Work>,
+    /// Why it is out of service, when it is.
+    pub problem: Option<String>,
 }
 
 impl From<ReplicaReport> for ReplicaStatus {
@@ -161,6 +163,7 @@ impl From<ReplicaReport> for ReplicaStatus {
             state: report.state.to_string(),
             in_flight_rows: report.load.in_flight_rows,
             latency_seconds: report.load.latency.as_secs_f64(),
+            problem: report.problem.unwrap_or_default(),
         }
     }
 }

@@ -92,3 +92,39 @@ async fn negative_top_k() {
     };
     assert_refused(request, "top_k must be >= 0, got -3").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_that_fills_the_context_says_so() {
+    // 1024 ids, max_tokens unset: the prompt alone fills the context.
+    let request = GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![7; 1024] })),
+        ..Default::default()
+    };
+    assert_refused(
+        request,
+        "prompt is 1024 tokens; the context length is 1024, which must leave room",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_stop_string_is_named() {
+    let request = GenerateRequest {
+        stop: vec!["ok".into(), String::new()],
+        ..text("hello")
+    };
+    assert_refused(request, "stop[1] is empty; stop strings must not be empty").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stop_string_is_named() {
+    let request = GenerateRequest {
+        stop: vec!["x".repeat(300)],
+        ..text("hello")
+    };
+    assert_refused(
+        request,
+        "stop[0] is 300 bytes; a stop string holds at most 256",
+    )
+    .await;
+}

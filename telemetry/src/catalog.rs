@@ -131,7 +131,7 @@ pub const TOKENS: MetricSpec = spec!(
     "{token}",
     ["type"],
     NONE,
-    "Tokens processed, counted per step as they run: prompt or generated."
+    "Tokens run through the model, counted per step: prompt (prefill) or generated (one decode token per generated token after the first, which comes from the prefill)."
 );
 pub const REQUESTS: MetricSpec = spec!(
     Router,

@@ -6,7 +6,9 @@
 //! `_METRICS_`/`_TRACES_` variable) is set; the exporters read the other
 //! standard `OTEL_*` variables themselves. Traces are sampled parent-based
 //! by ratio, and the ratio is 0 unless `OTEL_TRACES_SAMPLER` says
-//! otherwise: with no endpoint no span is even built for OpenTelemetry.
+//! otherwise. With no endpoint the trace spans are not even built; with
+//! one, they are built and then dropped unsampled at ratio 0 (set only the
+//! `_METRICS_` endpoint to export metrics alone).
 
 use std::sync::Arc;
 
@@ -173,8 +175,15 @@ fn init_logging(
     default_filter: &str,
     tracer: Option<&SdkTracerProvider>,
 ) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // The trace spans are for the tracer, not the log: without this they
+    // would be built (and prefix every line) at the default level.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default_filter))
+        .add_directive(
+            format!("{TRACE_TARGET}=off")
+                .parse()
+                .expect("a valid directive"),
+        );
     let span_events = if std::env::var_os("MOE_LOG_SPAN_TIMES").is_some_and(|v| v == "1") {
         fmt::format::FmtSpan::CLOSE
     } else {

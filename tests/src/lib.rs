@@ -22,6 +22,7 @@ mod binaries;
 pub mod dns;
 pub mod http;
 pub mod load;
+pub mod raw;
 
 pub use moe::client;
 pub use tonic_health::pb::health_check_response::ServingStatus;

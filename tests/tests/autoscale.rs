@@ -50,6 +50,12 @@ async fn run_all(uri: &str, requests: &[GenerateRequest]) -> Vec<Completion> {
     completions
 }
 
+async fn dashboard(http: std::net::SocketAddr) -> serde_json::Value {
+    let (status, body) = moe_e2e::http::get(http, "/api/dashboard").await.unwrap();
+    assert_eq!(status, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
 /// A moment of the replica timeline: seconds since the load started, and
 /// the processes of each expert.
 type Moment = (f64, Vec<usize>);
@@ -71,6 +77,7 @@ async fn hot_experts_scale_up_under_load_and_back_down_after_it_without_a_failed
         options.router_args = [
             "--autoscale-target-utilisation=0.01",
             "--autoscale-smoothing=2s",
+            "--autoscale-max-replicas=3",
         ]
         .map(str::to_owned)
         .into();
@@ -127,8 +134,26 @@ async fn hot_experts_scale_up_under_load_and_back_down_after_it_without_a_failed
     })
     .await;
     let scaled_up_after = started.elapsed();
-    // Keep the load on a while, so that the new replicas serve.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Keep the load on a while: the router takes the new replicas and
+    // they serve (each reports busy time).
+    let http = cluster.router_http().expect("the router serves HTTP");
+    within("the new replicas serve", async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let view = dashboard(http).await;
+            let serving = HOT.iter().all(|&expert| {
+                let replicas = view["experts"][expert]["replicas"].as_array().unwrap();
+                replicas.len() >= 2
+                    && replicas.iter().all(|replica| {
+                        replica["state"] == "ready" && replica["busy_fraction"].as_f64() > Some(0.0)
+                    })
+            });
+            if serving {
+                return;
+            }
+        }
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     for worker in workers {
         worker.await.unwrap().unwrap_or_else(|why| panic!("{why}"));
@@ -148,6 +173,25 @@ async fn hot_experts_scale_up_under_load_and_back_down_after_it_without_a_failed
     })
     .await;
     let scaled_down_after = started.elapsed();
+    // The router dropped the stopped replicas too.
+    within("the router lists one replica per expert again", async {
+        loop {
+            let view = dashboard(http).await;
+            let listed: Vec<usize> = (0..16)
+                .map(|expert| {
+                    view["experts"][expert]["replicas"]
+                        .as_array()
+                        .unwrap()
+                        .len()
+                })
+                .collect();
+            if listed.iter().all(|&replicas| replicas == 1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
 
     let timeline_text: Vec<String> = timeline
         .iter()

@@ -60,4 +60,16 @@ async fn a_passed_deadline_ends_the_stream_and_frees_the_sequence() {
         "{} steps: the sequence ran on",
         freed.steps
     );
+
+    // Counted once, as what it was: an error with its code.
+    let http = cluster.router_http().expect("the router serves HTTP");
+    let (_, metrics) = moe_e2e::http::get(http, "/metrics").await.unwrap();
+    let requests: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("moe_requests_total{") && !line.ends_with(" 0"))
+        .collect();
+    assert_eq!(
+        requests,
+        ["moe_requests_total{code=\"DEADLINE_EXCEEDED\",finish_reason=\"error\"} 1"]
+    );
 }

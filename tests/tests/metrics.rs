@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use moe_e2e::{generate, greedy, http, start_with, tiny_checkpoint};
+use moe_e2e::{generate, greedy, http, start_with, tiny_checkpoint, within};
 use moe_telemetry::catalog::{self, Service};
 
 /// The metric families a Prometheus text page declares (`# TYPE name`).
@@ -31,12 +31,20 @@ async fn each_service_exports_every_catalog_metric_and_every_expert_has_its_seri
     generate(&cluster.router_uri(), greedy(&[3, 9, 27], 5))
         .await
         .expect("the request succeeds");
-    // The router's window gauges are set once a second.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-
     let router_http = cluster.router_http().expect("the router serves HTTP");
-    let (status, router_page) = http::get(router_http, "/metrics").await.unwrap();
-    assert_eq!(status, 200);
+    // The gauges computed from windows are set once the dashboard's loop
+    // has run after the request.
+    let router_page = within("the window gauges are set", async {
+        loop {
+            let (status, page) = http::get(router_http, "/metrics").await.unwrap();
+            assert_eq!(status, 200);
+            if page.contains("\nmoe_expert_imbalance_ratio ") {
+                return page;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
     let expert_http = cluster.experts[0].metrics.expect("experts serve /metrics");
     let (status, expert_page) = http::get(expert_http, "/metrics").await.unwrap();
     assert_eq!(status, 200);
@@ -73,7 +81,7 @@ async fn each_service_exports_every_catalog_metric_and_every_expert_has_its_seri
     assert_eq!(rows_series, 16 * 4);
     for expert in 0..16 {
         let ready = format!("moe_expert_replicas{{expert=\"{expert}\",state=\"ready\"}} 1");
-        assert!(router_page.contains(&ready), "no {ready}");
+        assert!(router_page.lines().any(|line| line == ready), "no {ready}");
     }
     assert!(expert_page.contains("moe_expert_replica_busy_seconds_total{expert=\"0\"}"));
 

@@ -429,4 +429,3 @@ fn free_loopback_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     listener.local_addr().expect("its address")
 }
-

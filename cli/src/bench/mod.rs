@@ -162,14 +162,14 @@ pub async fn run<T: Target>(
 /// processes while the measured requests run, and waits for every one to
 /// be back before it returns.
 pub async fn run_grpc(
-    uri: &str,
+    (uri, access): (&str, &crate::client::Access),
     workload: &Workload,
     prompts: &[Prompt],
     shape: &ModelShape,
     peak: &Peak,
     faults: Option<&Faults<'_>>,
 ) -> anyhow::Result<RunReport> {
-    let target = Grpc::connect(uri).await?;
+    let target = Grpc::connect(uri, access).await?;
     let mut client = target.client();
     let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
     let mode: ExpertMode = info

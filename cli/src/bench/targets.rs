@@ -4,9 +4,9 @@
 //! through the same generator.
 
 use moe_proto::v1::generate_request::Prompt as WirePrompt;
-use moe_proto::v1::inference_client::InferenceClient;
 use moe_proto::v1::{GenerateRequest, TokenIds};
-use tonic::transport::Channel;
+
+use crate::client::{Access, Client};
 
 use super::load::Target;
 use super::workload::Prompt;
@@ -14,17 +14,17 @@ use super::workload::Prompt;
 /// A moe-serve router. Greedy, ignoring end-of-sequence, so every request
 /// produces exactly `max_tokens` tokens.
 pub struct Grpc {
-    client: InferenceClient<Channel>,
+    client: Client,
 }
 
 impl Grpc {
-    pub async fn connect(uri: &str) -> anyhow::Result<Self> {
+    pub async fn connect(uri: &str, access: &Access) -> anyhow::Result<Self> {
         Ok(Self {
-            client: crate::client::connect(uri).await?,
+            client: crate::client::connect_with(uri, access).await?,
         })
     }
 
-    pub fn client(&self) -> InferenceClient<Channel> {
+    pub fn client(&self) -> Client {
         self.client.clone()
     }
 }

@@ -18,6 +18,9 @@ pub struct BenchArgs {
     /// A running router to load (e.g. http://127.0.0.1:50051).
     #[arg(long)]
     pub addr: Option<String>,
+    /// With --addr: how to reach a secured router.
+    #[command(flatten)]
+    pub access: super::generate::AccessArgs,
     /// A checkpoint directory: start a cluster on it on loopback (as `moe
     /// up` does), load it, and stop it. With --addr or --openai, only its
     /// tokenizer and config are used, to make text prompts.
@@ -141,7 +144,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bench::warm_up(&target, &prompts).await?;
         vec![bench::run(RunMode::OpenAi, &target, &workload, &prompts, &shape, &peak).await]
     } else if let Some(addr) = &args.addr {
-        vec![bench::run_grpc(addr, &workload, &prompts, &shape, &peak, None).await?]
+        let target = (addr.as_str(), &args.access.access());
+        vec![bench::run_grpc(target, &workload, &prompts, &shape, &peak, None).await?]
     } else {
         expert_transport = Some(args.expert_transport);
         kernels = Some(args.kernels.name());
@@ -199,7 +203,7 @@ async fn shape_and_prompts(
         .addr
         .as_deref()
         .context("--addr or --model is required")?;
-    let mut client = moe::client::connect(addr).await?;
+    let mut client = moe::client::connect_with(addr, &args.access.access()).await?;
     let info = client.model_info(ModelInfoRequest {}).await?.into_inner();
     Ok((
         ModelShape::from(&info),
@@ -259,7 +263,7 @@ async fn run_on_clusters(
             });
             let faults = faults.as_ref().filter(|f| !f.experts.is_empty());
             let mut run = bench::run_grpc(
-                &cluster.router_uri(),
+                (&cluster.router_uri(), &cluster.access()),
                 workload,
                 prompts,
                 shape,

@@ -37,6 +37,30 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub access: AccessArgs,
+}
+
+/// How to reach a secured router.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AccessArgs {
+    /// Connect over TLS, trusting only this CA certificate (PEM); `moe up
+    /// --tls` prints its CA's path.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// The API key to present (`authorization: Bearer KEY`), for a router
+    /// with --api-keys-file.
+    #[arg(long, env = "MOE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+impl AccessArgs {
+    pub fn access(&self) -> moe::client::Access {
+        moe::client::Access {
+            ca: self.ca.clone(),
+            api_key: self.api_key.clone(),
+        }
+    }
 }
 
 impl GenerateArgs {
@@ -61,7 +85,7 @@ impl GenerateArgs {
 }
 
 pub async fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let mut client = moe::client::connect(&args.addr).await?;
+    let mut client = moe::client::connect_with(&args.addr, &args.access.access()).await?;
     let stream_text = !args.json;
     let completion = moe::client::generate(&mut client, args.request(), |message| {
         if stream_text && !message.text.is_empty() {

@@ -6,6 +6,7 @@
 mod monitoring;
 mod objects;
 mod sizing;
+mod tls;
 mod yaml;
 
 use std::collections::BTreeMap;
@@ -65,6 +66,15 @@ pub struct K8sArgs {
     /// The Prometheus KEDA queries (with --autoscaler keda).
     #[arg(long, default_value = "http://prometheus-operated.monitoring.svc:9090")]
     pub prometheus_url: String,
+    /// TLS on the router's API and mutual TLS between router and experts,
+    /// with certificates mounted from the Secrets router-tls,
+    /// router-expert-client-tls and expert-tls (deploy/README.md).
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls: cert-manager Certificates that make those Secrets, from
+    /// this issuer: NAME (an Issuer in the namespace) or ClusterIssuer/NAME.
+    #[arg(long, value_name = "ISSUER", requires = "tls")]
+    pub cert_manager: Option<tls::IssuerRef>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -143,6 +153,9 @@ pub struct Plan {
     pub autoscaler: Autoscaler,
     pub prometheus_url: String,
     pub units: Vec<ExpertUnit>,
+    /// `--tls`, and `--cert-manager`'s issuer.
+    pub tls: bool,
+    pub cert_manager: Option<tls::IssuerRef>,
 }
 
 impl Plan {
@@ -213,6 +226,8 @@ impl Plan {
             autoscaler: args.autoscaler,
             prometheus_url: args.prometheus_url.clone(),
             units,
+            tls: args.tls,
+            cert_manager: args.cert_manager.clone(),
             config,
         })
     }
@@ -261,11 +276,25 @@ pub fn render(plan: &Plan) -> anyhow::Result<BTreeMap<PathBuf, String>> {
         "models-volume.yaml".into(),
         with_header(vec![objects::models_volume(plan)]),
     );
-    files.insert("router.yaml".into(), with_header(objects::router(plan)));
+    let mut router = objects::router(plan);
+    if plan.tls {
+        tls::secure_router(&mut router);
+    }
+    files.insert("router.yaml".into(), with_header(router));
     for unit in &plan.units {
+        let mut expert = objects::expert(plan, unit);
+        if plan.tls {
+            tls::secure_expert(&mut expert);
+        }
         files.insert(
             format!("experts/{}.yaml", unit.name).into(),
-            with_header(objects::expert(plan, unit)),
+            with_header(expert),
+        );
+    }
+    if let Some(issuer) = &plan.cert_manager {
+        files.insert(
+            "certificates.yaml".into(),
+            with_header(tls::certificates(plan, issuer)),
         );
     }
     files.insert(
@@ -282,6 +311,11 @@ pub fn render(plan: &Plan) -> anyhow::Result<BTreeMap<PathBuf, String>> {
                 .map(|unit| format!("experts/{}.yaml", unit.name)),
         )
         .chain(["monitoring.yaml".to_owned()])
+        .chain(
+            plan.cert_manager
+                .as_ref()
+                .map(|_| "certificates.yaml".to_owned()),
+        )
         .collect();
     if plan.autoscaler == Autoscaler::Hpa {
         files.insert(
@@ -343,6 +377,11 @@ fn write(out: &Path, files: &BTreeMap<PathBuf, String>) -> anyhow::Result<()> {
             std::fs::create_dir_all(parent).with_context(|| format!("{}", parent.display()))?;
         }
         std::fs::write(&path, text).with_context(|| format!("{}", path.display()))?;
+    }
+    let certificates = Path::new("certificates.yaml");
+    if !files.contains_key(certificates) && out.join(certificates).exists() {
+        // An earlier run with --cert-manager.
+        std::fs::remove_file(out.join(certificates))?;
     }
     let adapter = Path::new(monitoring::ADAPTER_CONFIG_FILE);
     if !files.contains_key(adapter) && out.join(adapter).exists() {

@@ -7,6 +7,7 @@ use clap::Args;
 use moe::launcher::{
     Cluster, ClusterOptions, ExpertEvent, ExpertTransport, ReplicaCount, ScalePolicy,
 };
+use moe::pki::LocalPki;
 use moe_model::Kernels;
 use moe_proto::ExpertMode;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -68,6 +69,11 @@ pub struct UpArgs {
     /// with the cuda feature, docs/gpu.md).
     #[arg(long, value_name = "N,...", value_delimiter = ',')]
     pub gpus: Vec<usize>,
+    /// TLS on the public API and mutual TLS between router and experts,
+    /// with a throwaway CA and certificates made for this cluster (the CA's
+    /// path is printed, for `moe generate --ca`).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 impl UpArgs {
@@ -84,6 +90,18 @@ impl UpArgs {
             up_window: self.scale_up_window,
             down_window: self.scale_down_window,
         });
+        let mut router_args = self.router_args.clone();
+        if self.autoscale {
+            // The signal's bounds are the loop's, unless told otherwise.
+            for (flag, value) in [
+                ("--autoscale-min-replicas", self.min_replicas),
+                ("--autoscale-max-replicas", self.max_replicas),
+            ] {
+                if !router_args.iter().any(|arg| arg.starts_with(flag)) {
+                    router_args.extend([flag.to_owned(), value.to_string()]);
+                }
+            }
+        }
         Ok(ClusterOptions {
             autoscale,
             router_listen: self.listen,
@@ -95,10 +113,11 @@ impl UpArgs {
                 ExpertMode::Distributed
             },
             replicas: self.replicas.clone(),
-            router_args: self.router_args.clone(),
+            router_args,
             http_listen: Some(self.http_listen),
             kernels: self.kernels,
             gpus: self.gpus.clone(),
+            tls: self.tls.then(LocalPki::generate).transpose()?,
             ..ClusterOptions::new(&self.model)?
         })
     }
@@ -113,6 +132,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         cluster.experts.len(),
         options.mode
     );
+    if let Some(ca) = &cluster.access().ca {
+        println!(
+            "  TLS: clients trust the CA in {} (moe generate --addr {} --ca {0} ...)",
+            ca.display(),
+            cluster.router_uri(),
+        );
+    }
     if let Some(http) = cluster.router_http() {
         println!("  dashboard: http://{http}/dashboard");
         println!("  metrics:   http://{http}/metrics");

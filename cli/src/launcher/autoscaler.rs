@@ -17,18 +17,17 @@ use std::time::{Duration, Instant};
 use moe_proto::ListenAddr;
 use serde::Deserialize;
 use tokio::sync::{broadcast, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
+use super::ClusterOptions;
 use super::scaling::{ScalePolicy, Stabiliser};
 use super::supervisor::{ExpertEvent, ExpertSlot, Supervisor};
-use super::ClusterOptions;
 
 /// How often the signal is read.
 const PERIOD: Duration = Duration::from_secs(1);
-/// How long a removed replica keeps its process: long enough for the
-/// router to re-read the cluster file (every 500 ms) and stop sending to
-/// it; then it drains what it holds.
-const LEAVE_BEFORE_STOP: Duration = Duration::from_millis(1500);
+/// The longest a removed replica waits for the router to drop it (the
+/// router re-reads the cluster file every 500 ms) before it drains anyway.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// One expert process the loop started, and how to stop it alone.
@@ -64,7 +63,8 @@ struct Signal {
 #[derive(Deserialize)]
 struct ExpertSignal {
     expert: usize,
-    desired: usize,
+    /// Null until the router knows the expert's capacity.
+    desired: Option<usize>,
 }
 
 impl Autoscaler {
@@ -101,6 +101,8 @@ async fn run(
     let mut extras: Vec<Vec<Extra>> = (0..experts).map(|_| Vec::new()).collect();
     let mut stabilisers: Vec<Stabiliser> = (0..experts).map(|_| Stabiliser::default()).collect();
     let mut next_replica: Vec<usize> = scaled.initial.iter().map(Vec::len).collect();
+    // Replicas on their way out: removed from the file, then drained.
+    let mut leaving = JoinSet::new();
     let mut ticks = tokio::time::interval(PERIOD);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -116,9 +118,12 @@ async fn run(
             }
         };
         let now = Instant::now();
+        let mut removed = Vec::new();
         let mut changed = false;
         for ExpertSignal { expert, desired } in signal.experts {
-            let Some(started) = extras.get_mut(expert) else {
+            // No signal yet (capacity unknown): keep what there is, as an
+            // HPA does without its metric.
+            let (Some(desired), Some(started)) = (desired, extras.get_mut(expert)) else {
                 continue;
             };
             let kept = scaled.initial[expert].len();
@@ -126,15 +131,6 @@ async fn run(
             let target = stabilisers[expert]
                 .next(now, desired, current, &scaled.policy)
                 .max(kept);
-            if target == current {
-                continue;
-            }
-            let _ = scaled.events.send(ExpertEvent::Scaled {
-                expert,
-                from: current,
-                to: target,
-                desired,
-            });
             while kept + started.len() < target {
                 match start_extra(&scaled, expert, next_replica[expert]).await {
                     Ok(extra) => {
@@ -147,16 +143,17 @@ async fn run(
                     }
                 }
             }
-            let mut leaving = Vec::new();
             while kept + started.len() > target {
-                leaving.extend(started.pop());
+                removed.extend(started.pop());
             }
-            changed = true;
-            if !leaving.is_empty() {
-                // Stopped once the file below no longer lists them.
-                tokio::spawn(async move {
-                    tokio::time::sleep(LEAVE_BEFORE_STOP).await;
-                    stop_all(leaving).await;
+            let now_running = kept + started.len();
+            if now_running != current {
+                changed = true;
+                let _ = scaled.events.send(ExpertEvent::Scaled {
+                    expert,
+                    from: current,
+                    to: now_running,
+                    desired,
                 });
             }
         }
@@ -167,9 +164,51 @@ async fn run(
                 .collect();
             publish.send_replace(counts);
         }
+        if !removed.is_empty() {
+            leaving.spawn(leave(scaled.router_http, removed, stopped.clone()));
+        }
     }
+    while leaving.join_next().await.is_some() {}
     let all: Vec<Extra> = extras.into_iter().flatten().collect();
     stop_all(all).await;
+}
+
+/// Waits until the router no longer lists `removed` (it has re-read the
+/// cluster file and sends them nothing new), at most [`LEAVE_TIMEOUT`] and
+/// not past the loop's end; then drains and stops them.
+async fn leave(router: SocketAddr, removed: Vec<Extra>, mut stopped: watch::Receiver<bool>) {
+    let endpoints: Vec<String> = removed.iter().map(|extra| extra.slot.uri()).collect();
+    let gone = async {
+        loop {
+            if let Ok(listed) = read_endpoints(router).await
+                && !endpoints.iter().any(|endpoint| listed.contains(endpoint))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        waited = tokio::time::timeout(LEAVE_TIMEOUT, gone) => if waited.is_err() {
+            tracing::warn!(?endpoints, "the router still lists replicas it was told to drop; stopping them anyway");
+        },
+        _ = stopped.wait_for(|stop| *stop) => {}
+    }
+    stop_all(removed).await;
+}
+
+/// Every replica endpoint the router lists now.
+async fn read_endpoints(router: SocketAddr) -> anyhow::Result<Vec<String>> {
+    let (status, body) = crate::http::get(router, "/api/dashboard").await?;
+    anyhow::ensure!(status == 200, "the router answered {status}");
+    let view: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(view["experts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|expert| expert["replicas"].as_array().into_iter().flatten())
+        .filter_map(|replica| replica["endpoint"].as_str().map(str::to_owned))
+        .collect())
 }
 
 async fn read_signal(router: SocketAddr) -> anyhow::Result<Signal> {

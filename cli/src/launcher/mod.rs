@@ -43,6 +43,9 @@ pub use supervisor::{ExpertEvent, ExpertSlot};
 
 use supervisor::Supervisor;
 
+use crate::client::{Access, channel};
+use crate::pki::LocalPki;
+
 /// Events the supervisors report that a slow listener may fall behind on
 /// before it misses the oldest.
 const EVENT_BACKLOG: usize = 64;
@@ -61,6 +64,8 @@ pub struct Cluster {
     _sockets: Option<tempfile::TempDir>,
     /// With `autoscale`: the loop, and the directory of its cluster file.
     autoscaler: Option<(Autoscaler, tempfile::TempDir)>,
+    /// The certificates of a secure cluster, removed with it.
+    tls: Option<LocalPki>,
 }
 
 impl Cluster {
@@ -138,6 +143,9 @@ impl Cluster {
         if let Some(http) = options.http_listen {
             router_args.extend(["--http-listen".into(), http.to_string()]);
         }
+        if let Some(pki) = &options.tls {
+            router_args.extend(pki.router_args());
+        }
         let cluster_file = match (&options.autoscale, options.mode) {
             (Some(_), ExpertMode::Distributed) => {
                 let dir = tempfile::Builder::new()
@@ -164,6 +172,7 @@ impl Cluster {
             supervisors,
             _sockets: sockets,
             autoscaler: None,
+            tls: options.tls.clone(),
         };
         cluster.wait_until_serving(options.ready_timeout).await?;
         if let (Some(policy), Some((dir, path))) = (options.autoscale, cluster_file) {
@@ -188,8 +197,22 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// What a client dials: `https://` for a secure cluster ([`Cluster::access`]).
     pub fn router_uri(&self) -> String {
-        self.router.uri()
+        let uri = self.router.uri();
+        match (&self.tls, uri.strip_prefix("http://")) {
+            (Some(_), Some(rest)) => format!("https://{rest}"),
+            _ => uri,
+        }
+    }
+
+    /// How a client reaches the router: over TLS trusting the cluster's
+    /// CA when it has one (no API key: give the router one yourself).
+    pub fn access(&self) -> Access {
+        Access {
+            ca: self.tls.as_ref().map(LocalPki::ca),
+            api_key: None,
+        }
     }
 
     /// The router's HTTP side (`/metrics`, `/dashboard`), when it has one.
@@ -215,9 +238,10 @@ impl Cluster {
     async fn wait_until_serving(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         let uri = self.router_uri();
+        let ca = self.tls.as_ref().map(LocalPki::ca);
         loop {
             let status = async {
-                let mut client = HealthClient::new(moe_proto::transport::connect(&uri).await?);
+                let mut client = HealthClient::new(channel(&uri, ca.as_deref()).await?);
                 let response = client
                     .check(HealthCheckRequest {
                         service: String::new(),
@@ -246,15 +270,17 @@ impl Cluster {
     /// restart nothing); SIGKILL for any that is still running after
     /// `grace`.
     pub async fn shutdown(mut self, grace: Duration) {
-        if let Some((autoscaler, _dir)) = self.autoscaler.take() {
-            autoscaler.shutdown().await;
-        }
         self.router.terminate();
         if tokio::time::timeout(grace, self.router.wait())
             .await
             .is_err()
         {
             let _ = self.router.kill().await;
+        }
+        // After the router: its requests drain first, then the replicas the
+        // autoscaler started.
+        if let Some((autoscaler, _dir)) = self.autoscaler.take() {
+            autoscaler.shutdown().await;
         }
         self.stop.send_replace(Some(grace));
         for supervisor in self.supervisors.drain(..) {

@@ -10,6 +10,7 @@ use moe_model::Kernels;
 use moe_proto::ExpertMode;
 
 use super::scaling::ScalePolicy;
+use crate::pki::LocalPki;
 
 /// How the router reaches the expert processes it starts. Both carry the
 /// same gRPC and measured alike on one machine (docs/decisions.md); TCP
@@ -125,6 +126,9 @@ pub struct ClusterOptions {
     /// CUDA devices to place the processes on ([`ClusterOptions::expert_device`]);
     /// empty: everything on the CPU.
     pub gpus: Vec<usize>,
+    /// TLS on the public API and mutual TLS between router and experts,
+    /// with these certificates (`moe up --tls`); None: plaintext.
+    pub tls: Option<LocalPki>,
 }
 
 impl ClusterOptions {
@@ -147,6 +151,7 @@ impl ClusterOptions {
             log_filter: "info".into(),
             restart_experts: true,
             gpus: Vec::new(),
+            tls: None,
         })
     }
 
@@ -226,6 +231,7 @@ mod tests {
             log_filter: "warn".into(),
             restart_experts: true,
             gpus: Vec::new(),
+            tls: None,
         };
         assert_eq!(options.expert_device(3, 0), None);
         assert_eq!(options.router_device(), None);

@@ -124,6 +124,9 @@ pub async fn start_replica(
     if let Some(device) = options.expert_device(expert, replica) {
         command.args(["--device", &device]);
     }
+    if let Some(pki) = &options.tls {
+        command.args(pki.expert_args());
+    }
     spawn(format!("expert-svc {expert}"), command, options).await
 }
 

@@ -49,6 +49,7 @@ fn options(bin_dir: &Path, restart_experts: bool) -> ClusterOptions {
         log_filter: "warn".into(),
         restart_experts,
         gpus: Vec::new(),
+        tls: None,
     }
 }
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::autoscale::{AutoscalePolicy, ExpertDemand, Observation};
 use crate::metrics::state_label;
-use crate::replicas::link::{ReplicaState, Work};
+use crate::replicas::link::Work;
 use crate::replicas::set::ReplicaSets;
 use crate::stats::RouterStats;
 
@@ -43,7 +43,8 @@ struct AutoscaleState {
     demand: Vec<ExpertDemand>,
     /// Each replica's work as it last reported it, by endpoint.
     last_work: HashMap<String, Work>,
-    desired: Vec<u32>,
+    /// `None` until the expert's capacity is known.
+    desired: Vec<Option<u32>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -80,7 +81,9 @@ pub struct ExpertView {
     pub ready: u32,
     pub draining: u32,
     pub down: u32,
-    pub desired: u32,
+    /// The autoscaling signal; null until the expert's capacity is known
+    /// (and in the in-process mode).
+    pub desired: Option<u32>,
     pub rows_per_second: Option<f64>,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
@@ -158,7 +161,7 @@ impl Dashboard {
             autoscale: Mutex::new(AutoscaleState {
                 demand: vec![ExpertDemand::default(); num_experts],
                 last_work: HashMap::new(),
-                desired: vec![0; num_experts],
+                desired: vec![None; num_experts],
             }),
             stats,
             sets,
@@ -181,12 +184,11 @@ impl Dashboard {
             self.advance_autoscaling();
             let view = self.view();
             let metrics = &self.stats.metrics;
-            if let Some(imbalance) = view.imbalance {
-                metrics.imbalance(imbalance);
-            }
-            if self.sets.is_some() {
-                for expert in &view.experts {
-                    metrics.desired_replicas(expert.expert, expert.desired as f64);
+            // Nothing routed in the window is no imbalance, not the last one.
+            metrics.imbalance(view.imbalance.unwrap_or(1.0));
+            for expert in &view.experts {
+                if let Some(desired) = expert.desired {
+                    metrics.desired_replicas(expert.expert, f64::from(desired));
                 }
             }
         }
@@ -240,12 +242,15 @@ impl Dashboard {
                 ..Observation::default()
             })
             .collect();
-        let mut ready = vec![0u32; self.num_experts];
+        let mut shards: Vec<Vec<std::ops::Range<usize>>> = vec![Vec::new(); self.num_experts];
+        state
+            .last_work
+            .retain(|uri, _| reports.iter().any(|report| &report.uri == uri));
         for report in &reports {
-            if report.state == ReplicaState::Ready
-                && let Some(count) = ready.get_mut(report.expert)
+            if let Some(ranges) = shards.get_mut(report.expert)
+                && !ranges.contains(&report.layers)
             {
-                *count += 1;
+                ranges.push(report.layers.clone());
             }
             let Some(work) = report.work else { continue };
             let previous = state.last_work.insert(report.uri.clone(), work);
@@ -262,7 +267,8 @@ impl Dashboard {
         let state = &mut *state;
         for (expert, observation) in seen.into_iter().enumerate() {
             state.demand[expert].observe(observation, &self.policy);
-            state.desired[expert] = state.demand[expert].desired(ready[expert], &self.policy);
+            let shards = shards[expert].len().max(1) as u32;
+            state.desired[expert] = state.demand[expert].desired(shards, &self.policy);
         }
     }
 
@@ -342,7 +348,7 @@ impl Dashboard {
                     ready: 0,
                     draining: 0,
                     down: 0,
-                    desired: 0,
+                    desired: None,
                     rows_per_second: short.rate(names::EXPERT_ROWS.name, is_expert(expert)),
                     latency_p50_ms: millis(&latency, 0.5),
                     latency_p99_ms: millis(&latency, 0.99),
@@ -368,7 +374,7 @@ impl Dashboard {
                         in_flight_rows: report.load.in_flight_rows,
                     });
                 }
-                view.desired = desired.get(expert).copied().unwrap_or(0);
+                view.desired = desired.get(expert).copied().flatten();
                 view
             })
             .collect();

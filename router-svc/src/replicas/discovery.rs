@@ -177,6 +177,7 @@ pub fn expand(
                 expert: endpoint.expert,
                 layers,
                 uri: endpoint.uri.clone(),
+                tls_name: None,
             });
             continue;
         }
@@ -188,6 +189,7 @@ pub fn expand(
                 expert: endpoint.expert,
                 layers: layers.clone(),
                 uri: format!("http://{}", SocketAddr::new(*address, port)),
+                tls_name: Some(host.clone()),
             });
         }
     }

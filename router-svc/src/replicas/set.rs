@@ -21,6 +21,10 @@ pub struct ReplicaKey {
     pub expert: usize,
     pub layers: Range<usize>,
     pub uri: String,
+    /// The name its TLS certificate must carry: a `dns:///NAME:PORT`
+    /// replica's NAME (its URI holds the address NAME resolved to); None,
+    /// the URI's host.
+    pub tls_name: Option<String>,
 }
 
 pub struct Replica {
@@ -144,6 +148,7 @@ impl ReplicaSets {
             Supervised {
                 label,
                 uri: key.uri.clone(),
+                tls_name: key.tls_name.clone(),
                 expert: key.expert,
                 layers: key.layers.clone(),
             },
@@ -250,6 +255,7 @@ impl ReplicaSets {
                         load: replica.link.load(),
                         busy_fraction: replica.link.busy_fraction(),
                         work: replica.link.work(),
+                        problem: replica.link.problem(),
                     })
                     .collect::<Vec<_>>()
             })

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moe_model::ModelConfig;
+use moe_proto::dial_once::DialTls;
+use moe_proto::tls::{ClientTls, rustls};
 use moe_proto::v1::{DescribeRequest, DescribeResponse, expert_server};
 use moe_proto::{dial_once, transport};
 use tokio::sync::{Notify, watch};
@@ -25,12 +27,17 @@ use crate::stats::RouterStats;
 pub struct Expected {
     pub config: ModelConfig,
     pub fingerprint: String,
+    /// `--expert-tls-ca`: every replica is dialled over TLS and must show
+    /// a certificate that CA signed for its name.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 /// Which replica this is.
 pub struct Supervised {
     pub label: Arc<str>,
     pub uri: String,
+    /// The name its TLS certificate must carry, when not the URI's host.
+    pub tls_name: Option<String>,
     pub expert: usize,
     pub layers: Range<usize>,
 }
@@ -96,9 +103,9 @@ async fn session(
     generation: &mut u64,
     backoff: &mut Backoff,
 ) -> Ended {
-    let channel = match connect(&replica.uri).await {
+    let channel = match connect(replica, expected.tls.as_ref()).await {
         Ok(channel) => channel,
-        Err(problem) => return Ended::Lost(problem),
+        Err(ended) => return ended,
     };
     match describe(&channel).await {
         Ok(described) => {
@@ -185,12 +192,54 @@ impl Drop for AbortOnDrop {
 
 /// A connection that is never silently re-dialled (see
 /// [`moe_proto::dial_once`]): what was checked on it stays true of it.
-async fn connect(uri: &str) -> Result<Channel, String> {
-    match tokio::time::timeout(CHECK_TIMEOUT, dial_once::connect_once(uri)).await {
+/// Over TLS when the router has an experts' CA (whatever the scheme);
+/// an `https://` endpoint without one is not dialled.
+/// A TLS failure (a certificate refused either way) is a refusal: the
+/// replica is there, but not one this router may trust or be trusted by.
+async fn connect(replica: &Supervised, tls: Option<&Arc<ClientTls>>) -> Result<Channel, Ended> {
+    let uri = replica.uri.as_str();
+    let tls = match tls {
+        Some(tls) => Some(
+            DialTls::new(tls.clone(), uri, replica.tls_name.as_deref()).map_err(Ended::Refused)?,
+        ),
+        None if uri.starts_with("https://") => {
+            return Err(Ended::Refused(
+                "an https:// endpoint, but the router has no --expert-tls-ca".into(),
+            ));
+        }
+        None => None,
+    };
+    match tokio::time::timeout(CHECK_TIMEOUT, dial_once::connect_once(uri, tls)).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(err)) => Err(format!("cannot connect: {}", error_chain(&err))),
-        Err(_) => Err(format!("cannot connect within {CHECK_TIMEOUT:?}")),
+        Ok(Err(err)) if is_tls_failure(&err) => Err(Ended::Refused(format!(
+            "TLS refused: {}",
+            error_chain(&err)
+        ))),
+        Ok(Err(err)) => Err(Ended::Lost(format!(
+            "cannot connect: {}",
+            error_chain(&err)
+        ))),
+        Err(_) => Err(Ended::Lost(format!(
+            "cannot connect within {CHECK_TIMEOUT:?}"
+        ))),
     }
+}
+
+/// Whether rustls failed somewhere in `err`'s chain (io errors carry it
+/// inside rather than as their source).
+fn is_tls_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        if err.is::<rustls::Error>() || inner.is_some_and(|inner| inner.is::<rustls::Error>()) {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 async fn describe(channel: &Channel) -> Result<DescribeResponse, String> {
