@@ -14,8 +14,9 @@ use tonic::transport::Channel;
 
 /// Width of the tiny checkpoint's hidden states.
 const HIDDEN: usize = 64;
-/// Rows of the message that keeps the expert busy while the others arrive.
-const BUSY_ROWS: usize = 16_384;
+/// Rows of the message that keeps the expert busy while the others arrive
+/// (the most an expert takes in one message, by default: `--max-rows`).
+const BUSY_ROWS: usize = 8_192;
 const SMALL_MESSAGES: usize = 8;
 
 /// `rows` rows whose values depend on `seed`, so that results that came
