@@ -465,20 +465,23 @@ fn check_wiring(label: &str, objects: &[Value]) {
             name(deployment)
         );
         let probe = &container(deployment)["readinessProbe"];
-        // With --tls, a TCP probe of the same port (kubelet speaks no TLS).
-        let readiness = match probe.get("grpc") {
+        // With --tls, the same health through HTTP on the metrics port
+        // (kubelet speaks no TLS).
+        match probe.get("grpc") {
             Some(grpc) => {
                 assert_eq!(grpc["service"], "moe.v1.Expert");
-                grpc
+                assert_eq!(
+                    grpc["port"],
+                    container(deployment)["ports"][0]["containerPort"],
+                    "{label}: {}",
+                    name(deployment)
+                );
             }
-            None => &probe["tcpSocket"],
-        };
-        assert_eq!(
-            readiness["port"],
-            container(deployment)["ports"][0]["containerPort"],
-            "{label}: {}",
-            name(deployment)
-        );
+            None => {
+                assert_eq!(probe["httpGet"]["path"], "/readyz", "{label}");
+                assert_eq!(probe["httpGet"]["port"], "metrics", "{label}");
+            }
+        }
     }
 }
 
@@ -662,10 +665,34 @@ fn tls_mounts_certificates_from_secrets_that_cert_manager_makes() {
                 name(deployment)
             );
         }
-        for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+        let ports: Vec<&Value> = container(deployment)["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|port| &port["name"])
+            .collect();
+        // The router is started once it answers at all; an expert once it
+        // has loaded its weights and is SERVING.
+        let started = if is_router(deployment) {
+            "/livez"
+        } else {
+            "/readyz"
+        };
+        for (probe, path) in [
+            ("startupProbe", started),
+            ("livenessProbe", "/livez"),
+            ("readinessProbe", "/readyz"),
+        ] {
+            let probe = &container(deployment)[probe];
             assert!(
-                container(deployment)[probe].get("grpc").is_none(),
-                "{}: a gRPC {probe} cannot speak TLS",
+                probe.get("grpc").is_none(),
+                "{}: a gRPC probe cannot speak TLS",
+                name(deployment)
+            );
+            assert_eq!(probe["httpGet"]["path"], path, "{}", name(deployment));
+            assert!(
+                ports.contains(&&probe["httpGet"]["port"]),
+                "{}: probes a port it does not have",
                 name(deployment)
             );
         }

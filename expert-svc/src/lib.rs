@@ -17,6 +17,6 @@ mod weights;
 pub use config::{Args, Config, parse_layers};
 pub use error::ExpertError;
 pub use forward_queue::ForwardQueue;
-pub use server::{run, shutdown_signal};
+pub use server::{HEALTH_SERVICE, run, shutdown_signal};
 pub use service::ExpertService;
 pub use weights::ExpertWeights;

@@ -7,19 +7,26 @@ use moe_model::{Checkpoint, WeightDType, parse_device};
 use moe_proto::v1::expert_server::ExpertServer;
 use moe_proto::{Listener, ServerLimits, transport};
 use moe_telemetry::Meter;
+use tonic::server::NamedService;
+use tonic_health::server::HealthReporter;
 
 use crate::metrics::ExpertMetrics;
 use crate::{Config, ExpertError, ExpertService, ExpertWeights, ForwardQueue};
 
 pub use moe_proto::transport::shutdown_signal;
 
-/// Loads the expert named by `config` and serves it on `listener` until
-/// `shutdown` resolves; then stops reading new messages, replies to those
-/// in flight, and returns (after `config.shutdown_grace` at the latest).
+/// The name under which the gRPC health (and `/readyz`) says whether this
+/// expert takes work.
+pub const HEALTH_SERVICE: &str = <ExpertServer<ExpertService> as NamedService>::NAME;
+
+/// Loads the expert named by `config` and serves it on `listener`, its
+/// readiness reported through `health`, until `shutdown` resolves; then
+/// stops reading new messages, replies to those in flight, and returns (after `config.shutdown_grace` at the latest).
 pub async fn run(
     config: Config,
     listener: Listener,
     meter: &Meter,
+    health: HealthReporter,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ExpertError> {
     let device = parse_device(&config.device)?;
@@ -54,7 +61,7 @@ pub async fn run(
         device,
         drain_signal,
     );
-    let (health, server) = transport::server_for::<ExpertServer<ExpertService>>(&limits);
+    let server = transport::server_for::<ExpertServer<ExpertService>>(&limits, &health);
     transport::set_serving::<ExpertServer<ExpertService>>(&health, true).await;
     tracing::info!(addr = %listener.local_addr()?, %kernels, %dtype, "expert ready");
     let server = server.add_service(transport::expert_server(service, &limits));

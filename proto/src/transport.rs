@@ -14,7 +14,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 use tower::Layer;
 
 use crate::client_fault::{ClientFault, ClientFaultLayer};
@@ -163,23 +164,27 @@ const REFLECTED_ALWAYS: [&str; 3] = [
 /// Reflection lists no moe.v1 service: [`server_for`] is what a process
 /// that serves one uses.
 pub fn server_with_health_and_reflection() -> (HealthReporter, Router) {
-    server_with(&[], &ServerLimits::default(), open)
+    let health = HealthReporter::new();
+    let server = server_with(&[], &ServerLimits::default(), &health, open);
+    (health, server)
 }
 
 /// A server for the service `S` (added by the caller) within `limits`,
-/// with health and with reflection that lists `S` and no other moe.v1
-/// service.
-pub fn server_for<S: NamedService>(limits: &ServerLimits) -> (HealthReporter, Router) {
-    server_with(&[S::NAME], limits, open)
+/// with the gRPC health `health` reports (made before the server, so that
+/// the HTTP probes can follow it from the start) and with reflection that
+/// lists `S` and no other moe.v1 service.
+pub fn server_for<S: NamedService>(limits: &ServerLimits, health: &HealthReporter) -> Router {
+    server_with(&[S::NAME], limits, health, open)
 }
 
 /// [`server_for`], with `guard` checking every health and reflection call
 /// (the router's `--auth-health`).
 pub fn server_for_guarded<S: NamedService>(
     limits: &ServerLimits,
+    health: &HealthReporter,
     guard: impl Interceptor + Clone + Send + Sync + 'static,
-) -> (HealthReporter, Router) {
-    server_with(&[S::NAME], limits, guard)
+) -> Router {
+    server_with(&[S::NAME], limits, health, guard)
 }
 
 /// Lets every call through.
@@ -190,16 +195,29 @@ fn open(request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status
 fn server_with(
     services: &[&str],
     limits: &ServerLimits,
+    health: &HealthReporter,
     guard: impl Interceptor + Clone + Send + Sync + 'static,
-) -> (HealthReporter, Router) {
-    let (health, health_service) = tonic_health::server::health_reporter();
+) -> Router {
+    let health_service = HealthServer::new(HealthService::from_health_reporter(health.clone()));
     let (reflection_v1, reflection_v1alpha) = reflection(services);
-    let router = server_builder()
+    // Health and reflection decode with tonic's default limit (4 MiB).
+    let blamed = ClientFaultLayer {
+        limit: "4 MiB for health and reflection",
+    };
+    server_builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .add_service(InterceptedService::new(health_service, guard.clone()))
-        .add_service(InterceptedService::new(reflection_v1, guard.clone()))
-        .add_service(InterceptedService::new(reflection_v1alpha, guard));
-    (health, router)
+        .add_service(InterceptedService::new(
+            blamed.layer(health_service),
+            guard.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            blamed.layer(reflection_v1),
+            guard.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            blamed.layer(reflection_v1alpha),
+            guard,
+        ))
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` or else `default_filter`

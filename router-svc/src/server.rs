@@ -11,7 +11,9 @@ use moe_proto::{Listener, transport};
 use moe_telemetry::Telemetry;
 use tokenizers::Tokenizer;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
+use tonic_health::server::HealthReporter;
 
 use crate::config::{Config, ExpertPlacement};
 use crate::dispatch::{
@@ -65,8 +67,10 @@ pub async fn run(
         tokenizer: load_tokenizer(&checkpoint)?,
         expert_mode: mode,
     });
-    let (health, server) = transport::server_for_guarded::<InferenceServer<InferenceService>>(
+    let health = HealthReporter::new();
+    let server = transport::server_for_guarded::<InferenceServer<InferenceService>>(
         &config.limits,
+        &health,
         secured.health.clone(),
     );
     transport::set_serving::<InferenceServer<InferenceService>>(&health, false).await;
@@ -124,7 +128,13 @@ pub async fn run(
     ));
     tokio::spawn(dashboard.clone().run());
     if let Some(http) = observability.http {
-        moe_telemetry::http::serve(http, http::routes(observability.telemetry, dashboard));
+        let routes = http::routes(observability.telemetry, dashboard).merge(
+            moe_telemetry::http::health_routes(
+                health.clone(),
+                <InferenceServer<InferenceService> as NamedService>::NAME,
+            ),
+        );
+        moe_telemetry::http::serve(http, routes);
     }
     let moe = MoeDispatcher::new(gate, experts, stats.clone(), config.on_expert_down);
     let scheduler = scheduler::spawn(

@@ -1,5 +1,6 @@
 //! An expert-svc that gets SIGTERM in the middle of a forward pass drains:
-//! it reports NOT_SERVING, sends a correct result for every message it had
+//! it reports NOT_SERVING (on gRPC health and on `/readyz`, which probes
+//! that speak no TLS read), sends a correct result for every message it had
 //! read, ends its Forward stream itself, and exits 0.
 //!
 //! Linux only: the test learns that the expert is computing from its CPU
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::SinkExt;
 use futures::channel::mpsc;
-use moe_e2e::{HealthWatch, ServingStatus, start_expert, within};
+use moe_e2e::{HealthWatch, ServingStatus, http, start_expert_with, within};
 use moe_model::synth;
 use moe_proto::transport;
 use moe_proto::v1::expert_result::Result as Outcome;
@@ -143,7 +144,8 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expert_terminated_mid_pass_answers_what_it_read_then_exits() {
     let model = wide_checkpoint();
-    let mut expert = start_expert(model.path(), 0, "0..1").await;
+    let mut expert = start_expert_with(model.path(), 0, "0..1", |o| o.expert_metrics = true).await;
+    let probes = expert.http.expect("--metrics-listen");
     let pid = expert.pid().expect("running");
     let channel = transport::connect(&expert.uri()).await.expect("expert up");
 
@@ -156,6 +158,10 @@ async fn an_expert_terminated_mid_pass_answers_what_it_read_then_exits() {
     let period = forward_alone(&channel, rows(PERIOD, 0)).await;
     let mut health = HealthWatch::open(&expert.uri()).await;
     health.until(ServingStatus::Serving).await;
+    assert_eq!(
+        http::get(probes, "/readyz").await.unwrap(),
+        (200, "SERVING\n".to_owned())
+    );
 
     // Request ids 1 and 2: before; 3: the large message; 4..=7: after.
     const LARGE: u64 = 3;
@@ -189,6 +195,12 @@ async fn an_expert_terminated_mid_pass_answers_what_it_read_then_exits() {
 
     expert.terminate();
     health.until(ServingStatus::NotServing).await;
+    // Draining: the results stream is still open, so the process is too.
+    assert_eq!(
+        http::get(probes, "/readyz").await.unwrap(),
+        (503, "NOT_SERVING\n".to_owned())
+    );
+    assert_eq!(http::get(probes, "/livez").await.unwrap().0, 200);
     // The watch would hold the drain open: a process waits for its streams.
     drop(health);
     let mut answered = BTreeMap::new();

@@ -19,6 +19,7 @@ use tonic::Code;
 
 const GENERATE: &str = "/moe.v1.Inference/Generate";
 const FORWARD: &str = "/moe.v1.Expert/Forward";
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 const GRPC: &str = "application/grpc";
 /// How long a server may take to refuse or close.
 const PROMPTLY: Duration = Duration::from_secs(5);
@@ -167,6 +168,13 @@ async fn the_router_refuses_garbage_and_keeps_serving() {
             GENERATE,
             GRPC,
             Bytes::from(truncated),
+            Some((Code::InvalidArgument, "not a valid message")),
+        ),
+        (
+            "an undecodable health check",
+            HEALTH_CHECK,
+            GRPC,
+            grpc_frame(&[0xff; 16]),
             Some((Code::InvalidArgument, "not a valid message")),
         ),
         (
@@ -323,6 +331,13 @@ async fn an_expert_refuses_garbage_and_keeps_serving() {
             "/moe.v1.Expert/Describe",
             GRPC,
             grpc_frame(&[0xff; 4]),
+            Some(Code::InvalidArgument),
+        ),
+        (
+            "an undecodable health check",
+            HEALTH_CHECK,
+            GRPC,
+            grpc_frame(&[0xff; 16]),
             Some(Code::InvalidArgument),
         ),
     ];

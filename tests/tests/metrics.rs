@@ -45,6 +45,11 @@ async fn each_service_exports_every_catalog_metric_and_every_expert_has_its_seri
         }
     })
     .await;
+    // Every expert covered: the router's probe endpoint says so too.
+    assert_eq!(
+        http::get(router_http, "/readyz").await.unwrap(),
+        (200, "SERVING\n".to_owned())
+    );
     let expert_http = cluster.experts[0].metrics.expect("experts serve /metrics");
     let (status, expert_page) = http::get(expert_http, "/metrics").await.unwrap();
     assert_eq!(status, 200);

@@ -129,9 +129,9 @@ pub fn router(plan: &Plan) -> Vec<Value> {
         "resources": {"requests": requests_json(&requests, None)},
         // Liveness must not follow readiness: the router is NOT_SERVING
         // whenever an expert has no ready replica, which a restart cannot fix.
-        "startupProbe": startup_probe(json!({"httpGet": {"path": "/dashboard", "port": "http"}})),
+        "startupProbe": startup_probe(json!({"httpGet": {"path": "/livez", "port": "http"}})),
         "livenessProbe": {
-            "httpGet": {"path": "/dashboard", "port": "http"},
+            "httpGet": {"path": "/livez", "port": "http"},
             "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3,
         },
         "readinessProbe": {

@@ -13,13 +13,14 @@
 //! | `router-expert-client-tls` | router | its client certificate for the experts; `ca.crt`: the CA of the experts' certificates |
 //! | `expert-tls` | every expert | its server certificate for all the experts' Service names; `ca.crt`: the CA of the router's client certificate |
 //!
-//! Kubernetes' own gRPC probes cannot speak TLS, so with `--tls` the gRPC
-//! probes become TCP probes of the same port; the router still follows
-//! each expert's gRPC health itself, over mutual TLS.
+//! Kubernetes' own gRPC probes cannot speak TLS, so with `--tls` they
+//! become HTTP probes of the same gRPC health on the plaintext metrics
+//! port (`/readyz`, `/livez`); the router still follows each expert's gRPC
+//! health itself, over mutual TLS.
 
 use serde_json::{Value, json};
 
-use super::{EXPERT_GRPC_PORT, ExpertUnit, Plan, ROUTER_GRPC_PORT};
+use super::{ExpertUnit, Plan};
 
 pub const ROUTER_SECRET: &str = "router-tls";
 pub const ROUTER_CLIENT_SECRET: &str = "router-expert-client-tls";
@@ -82,15 +83,22 @@ fn add_args(deployment: &mut Value, args: &[(&str, String)]) {
     }
 }
 
-/// gRPC probes of `port` become TCP probes (kubelet speaks no TLS).
-fn tcp_probes(deployment: &mut Value, port: u16) {
+/// gRPC probes become HTTP probes of the container port named `port`:
+/// liveness asks `/livez`, startup and readiness `/readyz` (the gRPC
+/// health of the service, unchanged but in plaintext HTTP, which kubelet
+/// speaks where it speaks no TLS).
+fn http_probes(deployment: &mut Value, port: &str) {
     let container = &mut deployment["spec"]["template"]["spec"]["containers"][0];
-    for probe in ["startupProbe", "livenessProbe", "readinessProbe"] {
+    for (probe, path) in [
+        ("startupProbe", "/readyz"),
+        ("livenessProbe", "/livez"),
+        ("readinessProbe", "/readyz"),
+    ] {
         let probe = &mut container[probe];
         if let Some(object) = probe.as_object_mut()
             && object.remove("grpc").is_some()
         {
-            object.insert("tcpSocket".into(), json!({"port": port}));
+            object.insert("httpGet".into(), json!({"path": path, "port": port}));
         }
     }
 }
@@ -120,7 +128,7 @@ pub fn secure_router(objects: &mut [Value]) {
                         ("--expert-tls-key", file(ROUTER_CLIENT_SECRET, "tls.key")),
                     ],
                 );
-                tcp_probes(object, ROUTER_GRPC_PORT);
+                http_probes(object, "http");
             }
             Some("Service") => tls_service(object),
             _ => {}
@@ -142,7 +150,7 @@ pub fn secure_expert(objects: &mut [Value]) {
                         ("--tls-ca", file(EXPERT_SECRET, "ca.crt")),
                     ],
                 );
-                tcp_probes(object, EXPERT_GRPC_PORT);
+                http_probes(object, "metrics");
             }
             Some("Service") => tls_service(object),
             _ => {}
