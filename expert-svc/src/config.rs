@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use moe_model::{Kernels, WeightDType};
 use moe_proto::ListenAddr;
+use moe_proto::limits::ConnectionAge;
 use moe_proto::tls::{Identity, ServerTlsFiles};
 use moe_telemetry::LogFormat;
 
@@ -62,6 +63,15 @@ pub struct Args {
     /// needs one Forward stream and a health watch per connection).
     #[arg(long, env = "MOE_MAX_CONCURRENT_STREAMS", default_value_t = moe_proto::limits::DEFAULT_MAX_CONCURRENT_STREAMS)]
     pub max_concurrent_streams: u32,
+    /// Connections held at once; more wait to be accepted (in the kernel's
+    /// backlog) until one closes. Each router holds one.
+    #[arg(long, env = "MOE_MAX_CONNECTIONS", default_value_t = moe_proto::limits::DEFAULT_EXPERT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// After this long a connection is asked to go (HTTP/2 GOAWAY): its
+    /// streams finish, new ones go on a new connection. Off by default: a
+    /// router holds its connection for good.
+    #[arg(long, env = "MOE_MAX_CONNECTION_AGE", default_value = "off")]
+    pub max_connection_age: ConnectionAge,
     /// Serve over mutual TLS with this certificate chain (PEM; re-read
     /// when it changes). Needs --tls-key and --tls-ca.
     #[arg(long, env = "MOE_TLS_CERT", value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
@@ -90,6 +100,10 @@ pub struct Config {
     pub max_rows: usize,
     /// `--max-concurrent-streams`.
     pub max_concurrent_streams: u32,
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// `--max-connection-age`.
+    pub max_connection_age: Option<Duration>,
     /// Mutual TLS: this process's certificate and its clients' CA.
     pub tls: Option<ServerTlsFiles>,
 }
@@ -99,8 +113,11 @@ impl TryFrom<Args> for Config {
 
     fn try_from(args: Args) -> Result<Self, Self::Error> {
         let layers = args.layers.as_deref().map(parse_layers).transpose()?;
-        if args.max_rows == 0 || args.max_concurrent_streams == 0 {
-            return Err("--max-rows and --max-concurrent-streams must be positive".into());
+        if args.max_rows == 0 || args.max_concurrent_streams == 0 || args.max_connections == 0 {
+            return Err(
+                "--max-rows, --max-concurrent-streams and --max-connections must be positive"
+                    .into(),
+            );
         }
         Ok(Self {
             model: args.model,
@@ -113,6 +130,8 @@ impl TryFrom<Args> for Config {
             shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
             max_rows: args.max_rows,
             max_concurrent_streams: args.max_concurrent_streams,
+            max_connections: args.max_connections,
+            max_connection_age: args.max_connection_age.0,
             tls: match (args.tls_cert, args.tls_key, args.tls_ca) {
                 (Some(cert), Some(key), Some(ca)) => Some(ServerTlsFiles {
                     identity: Identity { cert, key },

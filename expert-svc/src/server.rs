@@ -50,6 +50,8 @@ pub async fn run(
         config.max_rows,
         describe.hidden_size as usize,
         config.max_concurrent_streams,
+        config.max_connections,
+        config.max_connection_age,
     );
     drop(checkpoint);
     let (draining, drain_signal) = transport::drain_switch();
@@ -68,6 +70,7 @@ pub async fn run(
     Ok(transport::serve_then_drain::<ExpertServer<ExpertService>>(
         server,
         listener,
+        limits.max_connections,
         shutdown,
         health,
         draining,

@@ -8,6 +8,7 @@
 compile_error!("the tensor codec sends host memory as little-endian bytes");
 
 pub mod client_fault;
+pub mod connection_cap;
 pub mod dial_once;
 pub mod expert_mode;
 pub mod limits;

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::Router;
 
 use crate::tls::{self, ServerTls};
-use crate::transport;
+use crate::{connection_cap, transport};
 
 /// A `--listen` value: `HOST:PORT`, or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,32 +107,41 @@ impl Listener {
         }
     }
 
-    /// Serves `router` on this listener until `stop` resolves and the
-    /// streams in flight end. A Unix socket's file is removed afterwards
-    /// (or when the returned future is dropped).
+    /// Serves `router` on this listener, holding at most `max_connections`
+    /// connections at once ([`connection_cap`]), until `stop` resolves and
+    /// the streams in flight end. A Unix socket's file is removed
+    /// afterwards (or when the returned future is dropped).
     pub async fn serve(
         self,
         router: Router,
+        max_connections: usize,
         stop: impl Future<Output = ()>,
     ) -> Result<(), tonic::transport::Error> {
         match self {
             Self::Tcp(listener) => {
-                router
-                    .serve_with_incoming_shutdown(transport::incoming(listener), stop)
-                    .await
+                let accepted =
+                    connection_cap::capped(transport::incoming(listener), max_connections);
+                router.serve_with_incoming_shutdown(accepted, stop).await
             }
             Self::Unix(listener, _file) => {
-                router
-                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
-                    .await
+                let accepted =
+                    connection_cap::capped(UnixListenerStream::new(listener), max_connections);
+                router.serve_with_incoming_shutdown(accepted, stop).await
             }
+            // Capped before the handshake, which costs the server too.
             Self::Tls(inner, config) => match *inner {
                 Self::Tcp(listener) => {
-                    let accepted = tls::accept(transport::incoming(listener), config);
+                    let accepted = tls::accept(
+                        connection_cap::capped(transport::incoming(listener), max_connections),
+                        config,
+                    );
                     router.serve_with_incoming_shutdown(accepted, stop).await
                 }
                 Self::Unix(listener, _file) => {
-                    let accepted = tls::accept(UnixListenerStream::new(listener), config);
+                    let accepted = tls::accept(
+                        connection_cap::capped(UnixListenerStream::new(listener), max_connections),
+                        config,
+                    );
                     router.serve_with_incoming_shutdown(accepted, stop).await
                 }
                 Self::Tls(..) => unreachable!("with_tls never nests TLS"),

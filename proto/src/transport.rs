@@ -204,8 +204,12 @@ fn server_with(
     let blamed = ClientFaultLayer {
         limit: "4 MiB for health and reflection",
     };
-    server_builder()
-        .max_concurrent_streams(limits.max_concurrent_streams)
+    let builder = server_builder().max_concurrent_streams(limits.max_concurrent_streams);
+    let mut builder = match limits.max_connection_age {
+        Some(age) => builder.max_connection_age(age),
+        None => builder,
+    };
+    builder
         .add_service(InterceptedService::new(
             blamed.layer(health_service),
             guard.clone(),
@@ -285,7 +289,8 @@ pub fn drain_switch() -> (watch::Sender<bool>, watch::Receiver<bool>) {
     watch::channel(false)
 }
 
-/// Serves `server` on `listener` until `shutdown` resolves, then drains:
+/// Serves `server` on `listener` (at most `max_connections` connections at
+/// once) until `shutdown` resolves, then drains:
 /// reports `S` (and the process) NOT_SERVING, flips `draining`, stops
 /// accepting connections, and waits for open streams to end, for no longer
 /// than `grace`. Long-lived streams (an expert's Forward, a long Generate)
@@ -294,6 +299,7 @@ pub fn drain_switch() -> (watch::Sender<bool>, watch::Receiver<bool>) {
 pub async fn serve_then_drain<S: NamedService>(
     server: Router,
     listener: Listener,
+    max_connections: usize,
     shutdown: impl Future<Output = ()>,
     health: HealthReporter,
     draining: watch::Sender<bool>,
@@ -314,7 +320,7 @@ pub async fn serve_then_drain<S: NamedService>(
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = listener.serve(server, stop) => result,
+        result = listener.serve(server, max_connections, stop) => result,
         _ = deadline => {
             tracing::warn!(?grace, "grace period elapsed with streams still open; exiting");
             Ok(())

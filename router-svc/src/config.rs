@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use clap::builder::BoolishValueParser;
 use moe_model::{Kernels, WeightDType};
+use moe_proto::limits::ConnectionAge;
 use moe_proto::tls::{ClientTlsFiles, Identity, ServerTlsFiles};
 use moe_proto::{ExpertMode, ListenAddr, ServerLimits, WireDType};
 use moe_telemetry::LogFormat;
@@ -114,6 +115,16 @@ pub struct Args {
     /// once; more wait in the client.
     #[arg(long, env = "MOE_MAX_CONCURRENT_STREAMS", default_value_t = moe_proto::limits::DEFAULT_MAX_CONCURRENT_STREAMS)]
     pub max_concurrent_streams: u32,
+    /// Client connections held at once; more wait to be accepted (in the
+    /// kernel's backlog) until one closes.
+    #[arg(long, env = "MOE_MAX_CONNECTIONS", default_value_t = moe_proto::limits::DEFAULT_ROUTER_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// After this long a client connection is asked to go (HTTP/2 GOAWAY):
+    /// its running streams finish, its client opens a new one for the
+    /// next. Idle connections held open then make room for others.
+    /// "off": never.
+    #[arg(long, env = "MOE_MAX_CONNECTION_AGE", default_value = "5m")]
+    pub max_connection_age: ConnectionAge,
     /// A running request whose client has taken none of its output for this
     /// long is cancelled, freeing its running slot, e.g. 30s.
     #[arg(long, env = "MOE_STALLED_CLIENT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -308,6 +319,7 @@ impl TryFrom<Args> for Config {
                 "--max-concurrent-streams",
                 args.max_concurrent_streams as usize,
             ),
+            ("--max-connections", args.max_connections),
         ] {
             if value == 0 {
                 return Err(RouterError::invalid(format!("{name} must be positive")));
@@ -358,6 +370,8 @@ impl TryFrom<Args> for Config {
             limits: ServerLimits {
                 max_message_bytes: args.max_request_bytes,
                 max_concurrent_streams: args.max_concurrent_streams,
+                max_connections: args.max_connections,
+                max_connection_age: args.max_connection_age.0,
             },
             stalled_client_timeout: args.stalled_client_timeout,
         })

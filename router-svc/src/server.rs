@@ -164,6 +164,7 @@ pub async fn run(
         transport::serve_then_drain::<InferenceServer<InferenceService>>(
             server,
             listener,
+            config.limits.max_connections,
             shutdown,
             health,
             draining,

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use moe_e2e::raw::{PREFACE, RawH2, authority, grpc_frame, h2_frame, trickle};
-use moe_e2e::{generate, greedy, start_in, stats, tiny_checkpoint, within};
+use moe_e2e::{client, generate, greedy, start_in, stats, tiny_checkpoint, within};
 use moe_proto::ExpertMode;
 use moe_proto::v1::{GenerateRequest, generate_request::Prompt};
 use prost::Message;
@@ -146,5 +146,95 @@ async fn large_prompts_do_not_delay_a_small_request() {
         );
         assert!(answer.message.contains("prompt text is"), "{answer:?}");
     }
+    cluster.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A router holds at most --max-connections connections: one more waits to
+/// be accepted until one of them closes, and those it holds are served
+/// meanwhile. (Before: every connection was accepted, each with its
+/// streams and buffers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_until_one_closes() {
+    let model = tiny_checkpoint();
+    let cluster = start_in(
+        model.path(),
+        ExpertMode::InProcess,
+        &["--max-connections=2"],
+    )
+    .await;
+    let uri = cluster.router_uri();
+    let request = greedy(&[3, 4, 5], 4);
+    let connect = async || {
+        within("a connection within the cap", client::connect(&uri))
+            .await
+            .expect("connects")
+    };
+    let serve = async |connection: &mut client::Client| {
+        within(
+            "a request on a held connection",
+            client::generate(connection, request.clone(), |_| {}),
+        )
+        .await
+        .expect("served")
+    };
+    let mut first = connect().await;
+    let reference = serve(&mut first).await;
+    let mut second = connect().await;
+    assert_eq!(serve(&mut second).await.token_ids, reference.token_ids);
+
+    let third = tokio::spawn({
+        let (uri, request) = (uri.clone(), request.clone());
+        async move { generate(&uri, request).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !third.is_finished(),
+        "a third connection was served while two were open"
+    );
+    assert_eq!(serve(&mut first).await.token_ids, reference.token_ids);
+
+    drop(second);
+    let third = within("the third connection is served once one closes", third)
+        .await
+        .expect("the task ran")
+        .expect("served");
+    assert_eq!(third.token_ids, reference.token_ids);
+    cluster.shutdown(Duration::from_secs(5)).await;
+}
+
+/// At --max-connections, a connection merely held open is asked to go
+/// after --max-connection-age (GOAWAY: an idle one closes at once), and a
+/// client waiting to connect takes its place. (Without the age, a client
+/// that opens the cap's worth of idle connections locks everyone out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_held_open_makes_room_after_its_age() {
+    let model = tiny_checkpoint();
+    let cluster = start_in(
+        model.path(),
+        ExpertMode::InProcess,
+        &["--max-connections=1", "--max-connection-age=1s"],
+    )
+    .await;
+    let uri = cluster.router_uri();
+    let request = greedy(&[3, 4, 5], 4);
+    let reference = generate(&uri, request.clone()).await.expect("served");
+
+    let mut idle = RawH2::connect(authority(&uri), 1 << 20).await;
+    let answer = within(
+        "the connection that will idle is served once",
+        idle.call(
+            "/moe.v1.Inference/Generate",
+            "application/grpc",
+            grpc_frame(&request.encode_to_vec()),
+        ),
+    )
+    .await;
+    assert!(!answer.is_error(), "{answer:?}");
+
+    let completion = generate(&uri, request)
+        .await
+        .expect("served once the idle connection has gone");
+    assert_eq!(completion.token_ids, reference.token_ids);
+    drop(idle);
     cluster.shutdown(Duration::from_secs(5)).await;
 }
