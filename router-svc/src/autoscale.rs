@@ -202,6 +202,26 @@ mod tests {
     }
 
     #[test]
+    fn one_slow_replica_among_fast_ones_lowers_the_pooled_capacity() {
+        // 2000 rows/s over two replicas: a fast one (1000 rows per busy
+        // second) takes 1600, a slow one (250) 400; both are busy 1.6 s a
+        // second. Capacity is pooled: 2000 rows / 3.2 busy s = 625 per
+        // replica, so ceil(2000 / (625 × 0.5)) = 7 replicas of that mix,
+        // between all fast (4) and all slow (16, held to 10).
+        let mixed = Observation {
+            seconds: 1.0,
+            rows_routed: 2000.0,
+            rows_served: 2000.0,
+            busy_seconds: 1600.0 / 1000.0 + 400.0 / 250.0,
+        };
+        let mut expert = ExpertDemand::default();
+        let desired = run(&mut expert, &[mixed; 40]);
+        let capacity = expert.capacity().unwrap();
+        assert!((capacity - 625.0).abs() < 1e-6, "{capacity}");
+        assert_eq!(*desired.last().unwrap(), 7, "{desired:?}");
+    }
+
+    #[test]
     fn a_lightly_loaded_expert_measures_its_capacity_over_several_intervals() {
         let mut expert = ExpertDemand::default();
         // 1 row/s at 1000 rows per busy second: 0.001 busy seconds a

@@ -64,7 +64,13 @@ impl Telemetry {
         log_format: LogFormat,
         default_filter: &str,
     ) -> Result<Self, TelemetryError> {
-        let resource = Resource::builder().with_service_name(service).build();
+        // The builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
+        // naming the service over it only when the operator did not.
+        let resource = if std::env::var_os("OTEL_SERVICE_NAME").is_some() {
+            Resource::builder().build()
+        } else {
+            Resource::builder().with_service_name(service).build()
+        };
         let registry = prometheus::Registry::new();
         let prometheus = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())

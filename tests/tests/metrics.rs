@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use moe_e2e::{generate, greedy, http, start_with, tiny_checkpoint, within};
-use moe_telemetry::catalog::{self, Service};
+use moe_telemetry::catalog::{self, Kind, Service};
 
 /// The metric families a Prometheus text page declares (`# TYPE name`).
 fn families(page: &str) -> BTreeSet<String> {
@@ -76,6 +76,25 @@ async fn each_service_exports_every_catalog_metric_and_every_expert_has_its_seri
         catalog::ALL.len(),
         "no metric outside the catalog: {router_families:?} {expert_families:?}"
     );
+
+    // Histogram buckets are the catalog's, per metric, not the SDK's.
+    for spec in catalog::ALL.iter().filter(|spec| spec.kind == Kind::Histogram) {
+        let page = match spec.service {
+            Service::Router => &router_page,
+            Service::Expert => &expert_page,
+        };
+        let bucket_line = format!("{}_bucket{{", spec.prometheus_name());
+        let mut bounds: Vec<f64> = page
+            .lines()
+            .filter(|line| line.starts_with(&bucket_line))
+            .filter_map(|line| line.split("le=\"").nth(1)?.split('"').next())
+            .filter(|le| *le != "+Inf")
+            .map(|le| le.parse().unwrap())
+            .collect();
+        bounds.sort_by(f64::total_cmp);
+        bounds.dedup();
+        assert_eq!(bounds, spec.buckets, "{}'s buckets", spec.name);
+    }
 
     // Bound at start: all 16 experts × 4 layers have a rows series, even
     // those the one request did not reach.

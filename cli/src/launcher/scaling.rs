@@ -7,7 +7,9 @@
 //! the last `down_window` (a dip must last before capacity is given back),
 //! both within `[min_replicas, max_replicas]`: what `behavior.scaleUp` and
 //! `behavior.scaleDown` `stabilizationWindowSeconds` do in the generated
-//! HPAs.
+//! HPAs. Their rate policies (2 pods a minute up, 1 every 2 minutes down)
+//! are not applied here: they pace pods that need a node and minutes to
+//! load, where a local process starts in about a second.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
