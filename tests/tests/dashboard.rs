@@ -4,9 +4,9 @@
 //! busy; a screenshot of it is kept as a test artefact for a human to look
 //! at.
 //!
-//! The page is checked through its rendered DOM rather than its JSON
-//! because the JSON has its own tests in router-svc: what only a browser
-//! can catch is the script failing to poll, parse or render.
+//! The JSON is polled until every expert's figures are known; then the
+//! page is checked through its rendered DOM, which is what only a browser
+//! can catch: the script failing to poll, parse or render.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -38,7 +38,8 @@ const MIN_SCREENSHOT_BYTES: u64 = 20 * 1024;
 const BROWSER_PATIENCE: Duration = Duration::from_secs(90);
 
 /// Under steady load, the dashboard a browser renders shows each of the 16
-/// experts with a positive rows/s rate, a heatmap with a cell per expert and
+/// experts with a positive rows/s rate, its call latency p50 ≤ p99, a
+/// desired count, one ready replica and its busy fraction, a heatmap with a cell per expert and
 /// layer, the throughput tiles filled in, and a page that updated itself
 /// more than once; its screenshot is not blank.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +102,8 @@ async fn a_browser_shows_every_expert_busy_on_the_dashboard_under_load() {
 }
 
 /// Polls `/api/dashboard` until every expert's rows/s is at least 0.1 (the
-/// page shows one decimal, so anything less reads "0.0"); the model's
+/// page shows one decimal, so anything less reads "0.0") and its latency,
+/// desired count and replicas' busy fractions are known; the model's
 /// layer count. Polling, not waiting on an event: the rates are over a
 /// window of the router's once-a-second samples.
 async fn every_expert_has_rows(http: SocketAddr) -> usize {
@@ -112,9 +114,20 @@ async fn every_expert_has_rows(http: SocketAddr) -> usize {
         assert_eq!(status, 200, "/api/dashboard: {body}");
         let view: serde_json::Value = serde_json::from_str(&body).expect("JSON from the dashboard");
         let experts = view["experts"].as_array().expect("an experts array");
+        // Rows, call latency, the desired count (once capacity is
+        // measured) and each replica's busy fraction, all known.
         let busy = experts
             .iter()
             .filter(|expert| expert["rows_per_second"].as_f64().is_some_and(|r| r >= 0.1))
+            .filter(|expert| expert["latency_p50_ms"].as_f64().is_some_and(|ms| ms > 0.0))
+            .filter(|expert| expert["desired"].as_u64().is_some_and(|d| d >= 1))
+            .filter(|expert| {
+                expert["replicas"].as_array().is_some_and(|replicas| {
+                    replicas
+                        .iter()
+                        .all(|r| r["busy_fraction"].as_f64().is_some_and(|b| b > 0.0))
+                })
+            })
             .count();
         if experts.len() == EXPERTS && busy == EXPERTS {
             return view["num_layers"].as_u64().expect("num_layers") as usize;
@@ -158,15 +171,45 @@ impl Page {
         let mut rows_rates = Vec::new();
         for (expert, rest) in rows {
             let row = &rest[..rest.find("</tr>").unwrap_or(rest.len())];
-            let (_, cell) = elements(row, "td")
-                .find(|(tag, _)| has_class(tag, "rows-rate"))
-                .ok_or(format!("expert {expert}'s row has no td.rows-rate"))?;
-            let rate = number(text(cell))
-                .ok_or(format!("expert {expert}'s rows/s is {:?}", text(cell)))?;
+            let cell = |class: &str| {
+                let (_, cell) = elements(row, "td")
+                    .find(|(tag, _)| has_class(tag, class))
+                    .ok_or(format!("expert {expert}'s row has no td.{class}"))?;
+                number(text(cell))
+                    .ok_or(format!("expert {expert}'s {class} reads {:?}", text(cell)))
+            };
+            let rate = cell("rows-rate")?;
             if rate <= 0.0 {
                 return Err(format!("expert {expert} shows {rate} rows/s under load"));
             }
             rows_rates.push(rate);
+            let (p50, p99) = (cell("p50")?, cell("p99")?);
+            if !(p50 > 0.0 && p50 <= p99) {
+                return Err(format!(
+                    "expert {expert}'s call latency p50 {p50} ms, p99 {p99} ms"
+                ));
+            }
+            if cell("desired")? < 1.0 {
+                return Err(format!("expert {expert} shows no desired replicas"));
+            }
+            cell("resends")?;
+            let ready: Vec<&str> = elements(row, "b")
+                .filter(|(tag, _)| has_class(tag, "r"))
+                .map(|(_, rest)| text(rest))
+                .collect();
+            if ready != ["1"] {
+                return Err(format!(
+                    "expert {expert} shows {ready:?} ready replicas, not 1"
+                ));
+            }
+            let busy: Vec<&str> = elements(row, "span")
+                .filter(|(tag, _)| has_class(tag, "busy"))
+                .map(|(_, rest)| text(rest))
+                .collect();
+            let percent = |shown: &&str| shown.strip_suffix('%').and_then(number).is_some();
+            if busy.len() != 1 || !busy.iter().all(percent) {
+                return Err(format!("expert {expert}'s replica busy reads {busy:?}"));
+            }
         }
 
         let (_, heatmap) = elements(dom, "div")

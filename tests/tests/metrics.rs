@@ -78,7 +78,10 @@ async fn each_service_exports_every_catalog_metric_and_every_expert_has_its_seri
     );
 
     // Histogram buckets are the catalog's, per metric, not the SDK's.
-    for spec in catalog::ALL.iter().filter(|spec| spec.kind == Kind::Histogram) {
+    for spec in catalog::ALL
+        .iter()
+        .filter(|spec| spec.kind == Kind::Histogram)
+    {
         let page = match spec.service {
             Service::Router => &router_page,
             Service::Expert => &expert_page,
