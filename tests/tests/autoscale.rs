@@ -1,8 +1,9 @@
 //! `moe up --autoscale` end to end: on a checkpoint whose gate sends
 //! nearly every token to experts 3 and 7, a step of load makes those two
-//! gain replicas (and no other expert), the step down makes them shrink
-//! back once the scale-down window has passed, and not one request fails
-//! or changes its output throughout.
+//! gain replicas (and no other expert), the step down (to one request a
+//! second) makes them shrink back once the scale-down window has passed,
+//! their replicas stopped while requests keep coming, and not one request
+//! fails or changes its output throughout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -56,6 +57,57 @@ async fn dashboard(http: std::net::SocketAddr) -> serde_json::Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Clients that send the workload over and over, each answer checked
+/// against the one the cluster gave before scaling.
+#[derive(Clone)]
+struct Clients {
+    uri: String,
+    requests: Vec<GenerateRequest>,
+    reference: Vec<Completion>,
+    served: Arc<AtomicUsize>,
+}
+
+impl Clients {
+    /// One client, sending requests `first`, `first + stride`, ... with
+    /// `pause` between them, until `stop`.
+    fn spawn(
+        &self,
+        first: usize,
+        stride: usize,
+        pause: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<Result<(), String>> {
+        let clients = self.clone();
+        tokio::spawn(async move {
+            let mut index = first;
+            while !stop.load(Ordering::Relaxed) {
+                let which = index % clients.requests.len();
+                let request = &clients.requests[which];
+                let completion = generate(&clients.uri, request.clone())
+                    .await
+                    .map_err(|status| format!("request {index} failed: {status}"))?;
+                if completion.token_ids != clients.reference[which].token_ids {
+                    return Err(format!(
+                        "prompt {:?} changed its output under scaling",
+                        prompt_of(request)
+                    ));
+                }
+                clients.served.fetch_add(1, Ordering::Relaxed);
+                index += stride;
+                tokio::time::sleep(pause).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn stop_all(stop: &AtomicBool, clients: Vec<tokio::task::JoinHandle<Result<(), String>>>) {
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap().unwrap_or_else(|why| panic!("{why}"));
+    }
+}
+
 /// A moment of the replica timeline: seconds since the load started, and
 /// the processes of each expert.
 type Moment = (f64, Vec<usize>);
@@ -88,33 +140,16 @@ async fn hot_experts_scale_up_under_load_and_back_down_after_it_without_a_failed
     let requests = workload();
     let reference = run_all(&uri, &requests).await;
 
-    // Load: workers send the workload over and over, each answer checked
-    // against the reference.
+    // Load: four clients without pause.
+    let clients = Clients {
+        uri: uri.clone(),
+        requests: requests.clone(),
+        reference: reference.clone(),
+        served: Arc::new(AtomicUsize::new(0)),
+    };
     let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..4)
-        .map(|worker| {
-            let (uri, requests, reference) = (uri.clone(), requests.clone(), reference.clone());
-            let (stop, served) = (stop.clone(), served.clone());
-            tokio::spawn(async move {
-                let mut index = worker;
-                while !stop.load(Ordering::Relaxed) {
-                    let request = &requests[index % requests.len()];
-                    let completion = generate(&uri, request.clone())
-                        .await
-                        .map_err(|status| format!("request {index} failed: {status}"))?;
-                    if completion.token_ids != reference[index % requests.len()].token_ids {
-                        return Err(format!(
-                            "prompt {:?} changed its output under scaling",
-                            prompt_of(request)
-                        ));
-                    }
-                    served.fetch_add(1, Ordering::Relaxed);
-                    index += 4;
-                }
-                Ok::<(), String>(())
-            })
-        })
+        .map(|worker| clients.spawn(worker, 4, Duration::ZERO, stop.clone()))
         .collect();
 
     let started = Instant::now();
@@ -154,12 +189,14 @@ async fn hot_experts_scale_up_under_load_and_back_down_after_it_without_a_failed
         }
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for worker in workers {
-        worker.await.unwrap().unwrap_or_else(|why| panic!("{why}"));
-    }
+    // The step down: one request a second, so that replicas are drained
+    // and stopped while requests keep coming.
+    stop_all(&stop, workers).await;
     let load_ended = started.elapsed();
     record(&counts.borrow().clone());
+    let served_at_step_down = clients.served.load(Ordering::Relaxed);
+    let trickle_stop = Arc::new(AtomicBool::new(false));
+    let trickle = clients.spawn(0, 1, Duration::from_secs(1), trickle_stop.clone());
 
     within("the hot experts shrink back", async {
         loop {
@@ -193,14 +230,23 @@ async fn hot_experts_scale_up_under_load_and_back_down_after_it_without_a_failed
     })
     .await;
 
+    stop_all(&trickle_stop, vec![trickle]).await;
+    let served_while_scaling_down = clients.served.load(Ordering::Relaxed) - served_at_step_down;
+    assert!(
+        served_while_scaling_down > 0,
+        "no request ran while the replicas were stopped"
+    );
+
     let timeline_text: Vec<String> = timeline
         .iter()
         .map(|(at, counts)| format!("{at:5.1}s {counts:?}"))
         .collect();
     println!(
-        "load from 0 s to {:.1} s ({} requests); hot experts at 2+ after {:.1} s; all at 1 after {:.1} s\n{}",
+        "load from 0 s to {:.1} s ({} requests), then one a second ({} requests); \
+         hot experts at 2+ after {:.1} s; all at 1 after {:.1} s\n{}",
         load_ended.as_secs_f64(),
-        served.load(Ordering::Relaxed),
+        served_at_step_down,
+        served_while_scaling_down,
         scaled_up_after.as_secs_f64(),
         scaled_down_after.as_secs_f64(),
         timeline_text.join("\n")
@@ -221,7 +267,7 @@ async fn hot_experts_scale_up_under_load_and_back_down_after_it_without_a_failed
         scaled_down_after >= load_ended + DOWN_WINDOW - Duration::from_millis(1500),
         "scaled down before the window passed: load ended at {load_ended:?}, down at {scaled_down_after:?}"
     );
-    assert!(served.load(Ordering::Relaxed) > 0);
+    assert!(served_at_step_down > 0);
 
     // After scaling down, the same outputs.
     let after = run_all(&uri, &requests).await;
