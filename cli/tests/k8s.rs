@@ -587,6 +587,78 @@ fn the_objects_are_wired_to_each_other() {
     assert_eq!(files_under(&keda.join("experts")).len(), 8);
 }
 
+/// The placement and scaling flags reach every object they should:
+/// replica bounds in each HPA and in the router's signal, another GPU
+/// resource in each expert's requests, limits and toleration, node
+/// labels in each expert's selector; and the HPAs stabilise over the
+/// windows `moe up --autoscale` uses by default.
+#[test]
+fn placement_and_scaling_flags_reach_every_object() {
+    let temp = tempfile::tempdir().unwrap();
+    let out = temp.path().join("placed");
+    moe_k8s(
+        &repo().join("deploy/models/small"),
+        &out,
+        &[
+            "--min-replicas",
+            "2",
+            "--max-replicas",
+            "6",
+            "--gpu-resource",
+            "amd.com/gpu",
+            "--node-selector",
+            "gpu=mi300x",
+            "--node-selector",
+            "zone=a",
+        ],
+    );
+    let objects = render(&out);
+    validate("placed", &objects, temp.path());
+    check_wiring("placed", &objects);
+
+    let local = moe::launcher::ScalePolicy::default();
+    let hpas = of_kind(&objects, "HorizontalPodAutoscaler");
+    assert_eq!(hpas.len(), 16);
+    for hpa in hpas {
+        let spec = &hpa["spec"];
+        assert_eq!(
+            (&spec["minReplicas"], &spec["maxReplicas"]),
+            (&json!(2), &json!(6))
+        );
+        let window = |side: &str| spec["behavior"][side]["stabilizationWindowSeconds"].as_u64();
+        assert_eq!(window("scaleUp"), Some(local.up_window.as_secs()));
+        assert_eq!(window("scaleDown"), Some(local.down_window.as_secs()));
+    }
+    for deployment in of_kind(&objects, "Deployment") {
+        let args = args(deployment);
+        let pod = &deployment["spec"]["template"]["spec"];
+        let resources = &container(deployment)["resources"];
+        if is_router(deployment) {
+            assert_eq!(flag(&args, "--autoscale-min-replicas"), Some("2"));
+            assert_eq!(flag(&args, "--autoscale-max-replicas"), Some("6"));
+            assert!(resources["requests"].get("amd.com/gpu").is_none());
+            continue;
+        }
+        assert_eq!(
+            flag(&args, "--device"),
+            Some("cuda:0"),
+            "{}",
+            name(deployment)
+        );
+        for side in ["requests", "limits"] {
+            assert_eq!(
+                resources[side]["amd.com/gpu"],
+                json!(1),
+                "{}",
+                name(deployment)
+            );
+            assert!(resources[side].get("nvidia.com/gpu").is_none());
+        }
+        assert_eq!(pod["tolerations"][0]["key"], "amd.com/gpu");
+        assert_eq!(pod["nodeSelector"], json!({"gpu": "mi300x", "zone": "a"}));
+    }
+}
+
 /// `--tls --cert-manager`: every pod mounts the Secret its TLS flags
 /// name, the Certificates make exactly those Secrets, and the experts'
 /// certificate carries every name the router dials.
