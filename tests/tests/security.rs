@@ -327,3 +327,37 @@ async fn a_rotated_certificate_is_picked_up_and_open_streams_keep_going() {
         .expect("the old connection still serves");
     drop(router);
 }
+
+/// With `--auth-health`, gRPC health needs the API key too (for routers
+/// that only authenticated callers may probe); without a key it is
+/// UNAUTHENTICATED, with one it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_health_closes_health_to_callers_without_a_key() {
+    let model = tiny_checkpoint();
+    let keys = tempfile::tempdir().unwrap();
+    let keys_file = keys.path().join("api-keys");
+    std::fs::write(&keys_file, "probe-key\n").unwrap();
+    let keys_path = keys_file.to_string_lossy().into_owned();
+    let cluster = moe_e2e::start_in(
+        model.path(),
+        ExpertMode::InProcess,
+        &["--api-keys-file", &keys_path, "--auth-health"],
+    )
+    .await;
+    let channel = transport::connect(&cluster.router_uri()).await.unwrap();
+    let check = |key: Option<&str>| {
+        let mut request = tonic::Request::new(HealthCheckRequest::default());
+        if let Some(key) = key {
+            let value = format!("Bearer {key}").parse().unwrap();
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut health = HealthClient::new(channel.clone());
+        async move { health.check(request).await }
+    };
+    let status = check(None).await.expect_err("health without a key");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let status = check(Some("other-key")).await.expect_err("a wrong key");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    check(Some("probe-key")).await.expect("health with the key");
+    cluster.shutdown(Duration::from_secs(5)).await;
+}

@@ -43,7 +43,7 @@ pub use supervisor::{ExpertEvent, ExpertSlot};
 
 use supervisor::Supervisor;
 
-use crate::client::{Access, channel};
+use crate::client::{Access, BearerToken, channel};
 use crate::pki::LocalPki;
 
 /// Events the supervisors report that a slow listener may fall behind on
@@ -66,6 +66,9 @@ pub struct Cluster {
     autoscaler: Option<(Autoscaler, tempfile::TempDir)>,
     /// The certificates of a secure cluster, removed with it.
     tls: Option<LocalPki>,
+    /// The first key of the router's `--api-keys-file`, if it has one: what
+    /// the launcher's own calls (and [`Cluster::access`]) send.
+    api_key: Option<String>,
 }
 
 impl Cluster {
@@ -161,6 +164,7 @@ impl Cluster {
             _ => None,
         };
         router_args.extend(options.router_args.iter().cloned());
+        let api_key = first_api_key(&router_args)?;
         let mut command = Command::new(options.bin_dir.join("router-svc"));
         command.args(&router_args);
         let router = spawn("router-svc".into(), command, options).await?;
@@ -173,6 +177,7 @@ impl Cluster {
             _sockets: sockets,
             autoscaler: None,
             tls: options.tls.clone(),
+            api_key,
         };
         cluster.wait_until_serving(options.ready_timeout).await?;
         if let (Some(policy), Some((dir, path))) = (options.autoscale, cluster_file) {
@@ -211,7 +216,7 @@ impl Cluster {
     pub fn access(&self) -> Access {
         Access {
             ca: self.tls.as_ref().map(LocalPki::ca),
-            api_key: None,
+            api_key: self.api_key.clone(),
         }
     }
 
@@ -238,10 +243,13 @@ impl Cluster {
     async fn wait_until_serving(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         let uri = self.router_uri();
-        let ca = self.tls.as_ref().map(LocalPki::ca);
+        let Access { ca, api_key } = self.access();
+        // With --auth-health, health needs the key too.
+        let token = BearerToken::new(api_key.as_deref())?;
         loop {
             let status = async {
-                let mut client = HealthClient::new(channel(&uri, ca.as_deref()).await?);
+                let channel = channel(&uri, ca.as_deref()).await?;
+                let mut client = HealthClient::with_interceptor(channel, token.clone());
                 let response = client
                     .check(HealthCheckRequest {
                         service: String::new(),
@@ -291,4 +299,54 @@ impl Cluster {
 
 fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
+}
+
+/// The first key of `--api-keys-file` among a router's `args` (either
+/// `--api-keys-file FILE` or `--api-keys-file=FILE`), read as the router
+/// reads it: one key a line, blank lines and `#` comments skipped.
+fn first_api_key(args: &[String]) -> anyhow::Result<Option<String>> {
+    let file = args.iter().enumerate().find_map(|(index, arg)| {
+        match arg.strip_prefix("--api-keys-file") {
+            Some("") => args.get(index + 1).cloned(),
+            Some(rest) => rest.strip_prefix('=').map(str::to_owned),
+            None => None,
+        }
+    });
+    let Some(file) = file else { return Ok(None) };
+    let keys = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read the router's --api-keys-file {file}"))?;
+    Ok(keys
+        .lines()
+        .map(str::trim)
+        .find(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(str::to_owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_api_key_is_read_from_either_form_of_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "# ours\n\n  first \nsecond\n").unwrap();
+        let path = file.display().to_string();
+        for args in [
+            vec![
+                "--in-process".to_owned(),
+                "--api-keys-file".into(),
+                path.clone(),
+            ],
+            vec![format!("--api-keys-file={path}"), "--auth-health".into()],
+        ] {
+            assert_eq!(first_api_key(&args).unwrap().as_deref(), Some("first"));
+        }
+        assert_eq!(first_api_key(&["--in-process".into()]).unwrap(), None);
+        let missing = first_api_key(&["--api-keys-file=/nonexistent".into()]).unwrap_err();
+        assert!(
+            format!("{missing:#}").contains("/nonexistent"),
+            "{missing:#}"
+        );
+    }
 }
