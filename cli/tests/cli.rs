@@ -216,3 +216,85 @@ fn bench_compares_distributed_with_in_process() {
     assert!((per_round[0].as_f64().unwrap() - first_round).abs() < 1e-9);
     assert!(report["matmul_peak"]["flops_per_s"].as_f64().unwrap() > 0.0);
 }
+
+/// `moe demo` on a fresh directory writes the tiny checkpoint, prints the
+/// dashboard's URL while its cluster runs, generates, and stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_the_dashboard_url_and_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let output = run_moe(&[
+        "demo",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "8",
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("dashboard (while the demo runs): http://127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("cluster stopped"), "{stdout}");
+}
+
+/// `moe up` prints the router's dashboard and metrics URLs, and both
+/// answer; SIGTERM stops it and its processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_prints_dashboard_and_metrics_urls_that_answer() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let model = tiny_checkpoint();
+    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(["up", "--model", model.path().to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut urls = Vec::new();
+    moe_e2e::within("moe up prints its URLs", async {
+        while urls.len() < 2 {
+            let line = lines.next_line().await.unwrap().expect("moe up is running");
+            for label in ["dashboard:", "metrics:"] {
+                if let Some(url) = line.trim().strip_prefix(label) {
+                    urls.push(url.trim().to_owned());
+                }
+            }
+        }
+    })
+    .await;
+    for url in &urls {
+        let (addr, path) = url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split_once('/'))
+            .unwrap_or_else(|| panic!("{url} is not http://ADDR/PATH"));
+        let (status, body) = moe_e2e::http::get(addr.parse().unwrap(), &format!("/{path}"))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{url}: {body}");
+    }
+    assert!(
+        urls[0].ends_with("/dashboard") && urls[1].ends_with("/metrics"),
+        "{urls:?}"
+    );
+
+    let pid = up.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exited = moe_e2e::within("moe up stops on SIGTERM", up.wait())
+        .await
+        .unwrap();
+    assert!(exited.success(), "{exited:?}");
+}

@@ -128,3 +128,12 @@ async fn a_long_stop_string_is_named() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_stop_strings_are_named() {
+    let request = GenerateRequest {
+        stop: (0..17).map(|i| format!("stop {i}")).collect(),
+        ..text("hello")
+    };
+    assert_refused(request, "stop holds 17 strings; at most 16 are allowed").await;
+}
