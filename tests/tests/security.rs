@@ -361,3 +361,68 @@ async fn auth_health_closes_health_to_callers_without_a_key() {
     check(Some("probe-key")).await.expect("health with the key");
     cluster.shutdown(Duration::from_secs(5)).await;
 }
+
+/// An expert's certificates replaced while it runs, as Kubernetes swaps a
+/// renewed Secret: its server certificate and the CA it checks clients
+/// against both move to a new CA. New connections then get the new server
+/// certificate and must show a client certificate of the new CA; the old
+/// CA's client is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_picks_up_a_new_certificate_and_client_ca() {
+    let model = tiny_checkpoint();
+    let pki = LocalPki::generate().unwrap();
+    let expert = secure_expert(model.path(), &pki).await;
+    let uri = expert.uri();
+
+    // The old CA and its client certificate, kept aside.
+    let old = tempfile::tempdir().unwrap();
+    let old_ca = old.path().join("ca.pem");
+    std::fs::copy(pki.ca(), &old_ca).unwrap();
+    let old_client = Identity {
+        cert: old.path().join("client.pem"),
+        key: old.path().join("client-key.pem"),
+    };
+    std::fs::copy(pki.router_client().cert, &old_client.cert).unwrap();
+    std::fs::copy(pki.router_client().key, &old_client.key).unwrap();
+    describe_as(&uri, &old_ca, Some(old_client.clone()))
+        .await
+        .expect("served before the rotation");
+
+    // The new CA's files, written aside and renamed over the expert's.
+    let new = Ca::new("the renewed CA").unwrap();
+    let staged = tempfile::tempdir_in(pki.ca().parent().unwrap()).unwrap();
+    write_private(&staged.path().join("ca.pem"), &new.cert_pem()).unwrap();
+    let server = new
+        .issue(&LOOPBACK_NAMES, Usage::Server)
+        .unwrap()
+        .write(staged.path(), "expert")
+        .unwrap();
+    let new_client = new
+        .issue(&["router"], Usage::Client)
+        .unwrap()
+        .write(old.path(), "new-client")
+        .unwrap();
+    let new_ca = old.path().join("new-ca.pem");
+    std::fs::copy(staged.path().join("ca.pem"), &new_ca).unwrap();
+    let expert_files = pki.expert();
+    std::fs::rename(&server.key, &expert_files.key).unwrap();
+    std::fs::rename(&server.cert, &expert_files.cert).unwrap();
+    std::fs::rename(staged.path().join("ca.pem"), pki.ca()).unwrap();
+
+    within("the new certificate and client CA take effect", async {
+        while describe_as(&uri, &new_ca, Some(new_client.clone()))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let refused = describe_as(&uri, &new_ca, Some(old_client)).await;
+    assert!(refused.is_err(), "served a client of the replaced CA");
+    let untrusted = describe_as(&uri, &old_ca, Some(new_client)).await;
+    assert!(
+        untrusted.is_err(),
+        "the expert still shows the old CA's certificate"
+    );
+}
