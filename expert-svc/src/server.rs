@@ -21,7 +21,8 @@ pub const HEALTH_SERVICE: &str = <ExpertServer<ExpertService> as NamedService>::
 
 /// Loads the expert named by `config` and serves it on `listener`, its
 /// readiness reported through `health`, until `shutdown` resolves; then
-/// stops reading new messages, replies to those in flight, and returns (after `config.shutdown_grace` at the latest).
+/// stops reading new messages, replies to those in flight, and returns
+/// (after `config.shutdown_grace` at the latest).
 pub async fn run(
     config: Config,
     listener: Listener,
