@@ -33,15 +33,17 @@ where
     let open = Arc::new(Semaphore::new(limit));
     tokio::spawn(async move {
         let mut accepted = std::pin::pin!(accepted);
-        let mut at_cap = false;
+        // Warned once each time the cap is reached, not per connection.
+        let mut warned = false;
         loop {
-            if open.available_permits() == 0 && !at_cap {
-                at_cap = true;
+            let at_cap = open.available_permits() == 0;
+            if at_cap && !warned {
                 tracing::warn!(
                     limit,
                     "--max-connections reached: new connections wait until one closes"
                 );
             }
+            warned = at_cap;
             let permit = tokio::select! {
                 () = sender.closed() => return,
                 permit = open.clone().acquire_owned() => match permit {
@@ -49,9 +51,6 @@ where
                     Err(_) => return,
                 },
             };
-            if at_cap && open.available_permits() > 0 {
-                at_cap = false;
-            }
             let next = tokio::select! {
                 () = sender.closed() => return,
                 next = accepted.next() => next,

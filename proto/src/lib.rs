@@ -7,6 +7,7 @@
 #[cfg(not(target_endian = "little"))]
 compile_error!("the tensor codec sends host memory as little-endian bytes");
 
+pub mod api_keys;
 pub mod client_fault;
 pub mod connection_cap;
 pub mod dial_once;

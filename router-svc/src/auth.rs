@@ -33,10 +33,7 @@ impl ApiKeys {
     pub fn parse(text: &[u8], path: &std::path::Path) -> Result<Self, String> {
         let text =
             std::str::from_utf8(text).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
-        let digests: Vec<[u8; 32]> = text
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        let digests: Vec<[u8; 32]> = moe_proto::api_keys::keys(text)
             .map(|key| digest(key.as_bytes()))
             .collect();
         if digests.is_empty() {

@@ -212,7 +212,8 @@ impl Cluster {
     }
 
     /// How a client reaches the router: over TLS trusting the cluster's
-    /// CA when it has one (no API key: give the router one yourself).
+    /// CA when it has one, with the first key of the router's
+    /// `--api-keys-file` when it has one.
     pub fn access(&self) -> Access {
         Access {
             ca: self.tls.as_ref().map(LocalPki::ca),
@@ -303,7 +304,7 @@ fn path_arg(path: &Path) -> String {
 
 /// The first key of `--api-keys-file` among a router's `args` (either
 /// `--api-keys-file FILE` or `--api-keys-file=FILE`), read as the router
-/// reads it: one key a line, blank lines and `#` comments skipped.
+/// reads it.
 fn first_api_key(args: &[String]) -> anyhow::Result<Option<String>> {
     let file = args.iter().enumerate().find_map(|(index, arg)| {
         match arg.strip_prefix("--api-keys-file") {
@@ -315,11 +316,7 @@ fn first_api_key(args: &[String]) -> anyhow::Result<Option<String>> {
     let Some(file) = file else { return Ok(None) };
     let keys = std::fs::read_to_string(&file)
         .with_context(|| format!("cannot read the router's --api-keys-file {file}"))?;
-    Ok(keys
-        .lines()
-        .map(str::trim)
-        .find(|line| !line.is_empty() && !line.starts_with('#'))
-        .map(str::to_owned))
+    Ok(moe_proto::api_keys::keys(&keys).next().map(str::to_owned))
 }
 
 #[cfg(test)]
